@@ -1,0 +1,79 @@
+"""`gptedge` command line: one dispatcher, subcommands imported lazily.
+
+Only the chosen subcommand's module is imported, and those modules import their
+heavy dependencies (torch, onnx, onnxruntime) inside their `run` functions, so
+`gptedge --help` and `gptedge generate --help` start in a fraction of a second
+and the runtime commands never import torch.
+
+Each subcommand module provides `add_arguments(parser, command)` and
+`run(args, command) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from gptedge import __version__
+from gptedge.errors import GptEdgeError
+
+# command -> (module, one-line help). Declared once; `--help` reads it without importing anything.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("gptedge.train.cli", "train or fine-tune a GPT (default data: the Python standard library's source)"),
+    "export": ("gptedge.export.cli", "export a gptedge checkpoint or a local Hugging Face GPT-2 folder to a verified bundle"),
+    "quantize": ("gptedge.quantize.cli", "quantize a bundle to INT8/INT4, gated by a measured quality check"),
+    "generate": ("gptedge.runtime.cli", "generate text from a prompt, streamed to the terminal"),
+    "chat": ("gptedge.runtime.cli", "multi-turn chat with history truncated to the context"),
+    "next": ("gptedge.runtime.cli", "table of the most likely next tokens with probabilities"),
+    "eval": ("gptedge.runtime.cli", "perplexity of a bundle on a text file"),
+    "info": ("gptedge.runtime.cli", "describe a bundle: architecture, dtype, quantization, quality report, sizes"),
+    "bench": ("gptedge.runtime.cli", "measure load time, time to first token and decode tokens/s of a bundle"),
+    "demo": ("gptedge.demo", "train -> export -> quantize -> generate on the embedded default corpus, in one folder"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(len(c) for c in COMMANDS)
+    listing = "\n".join(f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="gptedge",
+        description="Take a GPT from PyTorch to a laptop: train, export to ONNX, quantize, run.",
+        epilog=f"commands:\n{listing}\n\nRun `gptedge COMMAND --help` for the options of one command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gptedge {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="one of the commands below")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        top.error(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"gptedge {command}", description=help_[0].upper() + help_[1:] + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.add_arguments(parser, command)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args, command) or 0)
+    except GptEdgeError as exc:
+        print(f"gptedge {command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"gptedge {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
