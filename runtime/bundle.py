@@ -1,0 +1,204 @@
+"""The bundle: one self-describing folder that a loader with numpy + onnxruntime + tokenizers can run.
+
+    model.onnx (+ model.onnx.data)   the graph, weights usually external
+    tokenizer.json                   Hugging Face tokenizers format
+    gptedge.json                     everything a loader needs (this module's `BundleSpec`)
+
+The graph contract (format_version 1), declared here once and read by export,
+quantize and runtime alike:
+
+kv_cache.update == "inplace" (GroupQueryAttention; the default):
+    inputs   input_ids [B, S] int64, position_ids [B, S] int64,
+             seqlens_k [B] int32 (= tokens in the cache after this call - 1, per row),
+             total_sequence_length [] int32 (= max over rows of tokens after this call),
+             logits_index [B, K] int64 (which of the S positions get logits; K=1 for generation, S for perplexity),
+             past_key_{i} / past_value_{i} [B, n_kv_head, capacity, head_dim]
+    outputs  logits [B, K, V], present_key_{i} / present_value_{i} (same shape as past: bind the SAME
+             OrtValue as past and present and the step writes the new keys in place).
+    Rows of a batch are right-padded; each row's real length is carried by seqlens_k.
+
+kv_cache.update == "concat" (standard ops, portable):
+    inputs   input_ids, position_ids, attention_mask [B, P+S] int64 (1 = real token), logits_index,
+             past_key_{i} / past_value_{i} [B, n_kv_head, P, head_dim]
+    outputs  logits [B, K, V], present_key_{i} / present_value_{i} [B, n_kv_head, P+S, head_dim].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gptedge.errors import BundleError
+
+FORMAT_VERSION = 1
+SPEC_NAME = "gptedge.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+TARGETS = ("cpu", "cuda", "dml")
+DTYPES = ("fp32", "fp16")
+KV_UPDATES = ("inplace", "concat")
+# Anything bigger than this in gptedge.json's dimensions is a hostile or broken file, not a model.
+_MAX_DIM = 1 << 22
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str  # "gpt2": learned positions, pre-LayerNorm, GELU MLP, tied LM head
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    n_embd: int
+    vocab_size: int
+    context_length: int  # positions the model was trained for; the KV capacity ceiling
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "family":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAX_DIM:
+                raise BundleError(f"{SPEC_NAME}: architecture.{f.name}={value!r} is not a plausible size; the bundle is corrupt, re-export it")
+        if self.n_head * self.head_dim != self.n_embd:
+            raise BundleError(f"{SPEC_NAME}: n_head*head_dim != n_embd; the bundle is corrupt, re-export it")
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Graph input/output names. The per-layer KV names come from one template each."""
+
+    input_ids: str = "input_ids"
+    position_ids: str = "position_ids"
+    seqlens_k: str | None = "seqlens_k"
+    total_sequence_length: str | None = "total_sequence_length"
+    attention_mask: str | None = None
+    logits_index: str | None = "logits_index"
+    logits: str = "logits"
+    past_key: str = "past_key_{layer}"
+    past_value: str = "past_value_{layer}"
+    present_key: str = "present_key_{layer}"
+    present_value: str = "present_value_{layer}"
+
+    def past_names(self, n_layer: int) -> list[str]:
+        """Interleaved [key_0, value_0, key_1, ...], the order the graph declares them."""
+        return [t.format(layer=i) for i in range(n_layer) for t in (self.past_key, self.past_value)]
+
+    def present_names(self, n_layer: int) -> list[str]:
+        return [t.format(layer=i) for i in range(n_layer) for t in (self.present_key, self.present_value)]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    update: str = "inplace"  # "inplace": past and present share one buffer; "concat": present = past ++ new
+    layout: str = "BNSH"  # [batch, kv heads, positions, head_dim]
+    dtype: str = "fp32"
+
+
+@dataclass
+class BundleSpec:
+    architecture: Architecture
+    dtype: str = "fp32"
+    target: str = "cpu"
+    io: IOSpec = field(default_factory=IOSpec)
+    kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_id, eos_id, pad_id, eos, ...
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # method, bits, block_size, excluded nodes, quality report
+    verification: dict[str, Any] = field(default_factory=dict)  # measured diffs against PyTorch
+    provenance: dict[str, Any] = field(default_factory=dict)  # source hash, tool versions, time
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BundleSpec":
+        try:
+            arch = Architecture(**data["architecture"])
+            io = IOSpec(**data.get("io", {}))
+            kv = KVCacheSpec(**data.get("kv_cache", {}))
+            rest = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in ("architecture", "io", "kv_cache")}
+            spec = cls(architecture=arch, io=io, kv_cache=kv, **rest)
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"{SPEC_NAME} is missing or has unexpected fields ({exc}); re-export the bundle with this gptedge version") from exc
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        self.architecture.validate()
+        if self.dtype not in DTYPES:
+            raise BundleError(f"{SPEC_NAME}: dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.target not in TARGETS:
+            raise BundleError(f"{SPEC_NAME}: target {self.target!r} is not one of {TARGETS}")
+        if self.kv_cache.update not in KV_UPDATES:
+            raise BundleError(f"{SPEC_NAME}: kv_cache.update {self.kv_cache.update!r} is not one of {KV_UPDATES}")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_files(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """sha256 of every file in the folder except gptedge.json itself (which holds the result)."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != SPEC_NAME
+    }
+
+
+def write_spec(folder: str | os.PathLike[str], spec: BundleSpec) -> None:
+    """Fill `spec.files` with the folder's checksums and write gptedge.json (call last, inside the temp folder)."""
+    spec.files = checksum_files(folder)
+    Path(folder, SPEC_NAME).write_text(spec.to_json(), encoding="utf-8")
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """Resolve `relative` under `folder`, refusing anything that escapes it (.., absolute paths, links out)."""
+    candidate = (folder / relative).resolve()
+    if Path(relative).is_absolute() or not candidate.is_relative_to(folder.resolve()):
+        raise BundleError(f"bundle file {relative!r} points outside the bundle folder {folder}; refusing to load an unsafe bundle")
+    return candidate
+
+
+def read_spec(folder: str | os.PathLike[str], verify_checksums: bool = True) -> BundleSpec:
+    """Read and check gptedge.json: known format version, plausible sizes, files present and unmodified."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a bundle folder (it does not exist or is a file); pass the folder that `gptedge export` wrote")
+    spec_path = folder / SPEC_NAME
+    if not spec_path.is_file():
+        raise BundleError(f"{folder} has no {SPEC_NAME}; it is not a gptedge bundle (export one with `gptedge export`)")
+    try:
+        data = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{spec_path} is not valid JSON ({exc}); the bundle is corrupt, re-export it") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{spec_path} does not hold a JSON object; the bundle is corrupt, re-export it")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{folder}: bundle format version {version!r} is not supported by this gptedge (it reads version {FORMAT_VERSION}); "
+            "re-export the bundle or upgrade gptedge"
+        )
+    spec = BundleSpec.from_dict(data)
+    for name in (MODEL_NAME, TOKENIZER_NAME):
+        if name not in spec.files:
+            raise BundleError(f"{SPEC_NAME} lists no checksum for {name}; the bundle is incomplete, re-export it")
+    for relative, expected in spec.files.items():
+        path = _inside(folder, relative)
+        if not path.is_file():
+            raise BundleError(f"bundle file {relative} is missing from {folder}; copy the whole bundle folder")
+        if verify_checksums and sha256_file(path) != expected:
+            raise BundleError(f"bundle file {relative} does not match its sha256 in {SPEC_NAME}: it was modified or corrupted; re-export or re-copy the bundle")
+    return spec
