@@ -1,0 +1,198 @@
+"""One forward step of an exported GPT: the bottom rung of the decoding ladder.
+
+`Engine.forward(cache, input_ids, lengths)` runs the graph once for a batch of
+right-padded rows and returns logits; everything above it (sampling, stop
+strings, streaming, batching, threads) lives elsewhere and never touches
+onnxruntime directly.
+
+Two cache strategies, chosen by the bundle's `kv_cache.update`, never silently:
+- "inplace": one preallocated buffer per layer [B, n_kv_head, capacity, head_dim]
+  is bound as both past and present (GroupQueryAttention writes the new keys in
+  place), so a decode step copies nothing but the new token's keys. The buffers
+  live on the session's device (CUDA: IO binding keeps them there) and go back
+  to a pool when a generation ends, so later requests of the same size reuse them.
+- "concat": standard ops; present = past ++ new, fed back as numpy. Portable, and
+  what Hugging Face Optimum's decoder exports use, at an O(context) copy per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from gptedge.errors import ContextLengthError, UsageError
+from gptedge.runtime.bundle import BundleSpec
+
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclass
+class KVCache:
+    """The KV state of one batch of sequences.
+
+    `lengths[b]` counts the real tokens stored for row b; positions beyond it in
+    the buffer are stale and masked by the graph.
+    """
+
+    batch: int
+    capacity: int  # positions the buffers hold ("inplace"); grows without bound for "concat"
+    lengths: np.ndarray  # [B] int64
+    values: list  # "inplace": OrtValues bound as past and present; "concat": numpy arrays [B, Hkv, P, D]
+    valid: np.ndarray | None = None  # "concat" only: [B, P] int64 attention mask of stored positions
+    binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
+    logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        """Positions still free in every row (the tightest row decides)."""
+        return self.capacity - int(self.lengths.max(initial=0))
+
+
+class Engine:
+    """Runs an exported GPT graph one step at a time; thread-safe, one KV cache per generation."""
+
+    def __init__(self, session: ort.InferenceSession, spec: BundleSpec, device: str = "cpu", serialize_runs: bool = False) -> None:
+        self.session = session
+        self.spec = spec
+        self.arch = spec.architecture
+        self.io = spec.io
+        self.device = device  # "cpu" or "cuda": where the KV buffers live
+        self.kv_dtype = _NP_DTYPES[spec.kv_cache.dtype]
+        self.inplace = spec.kv_cache.update == "inplace"
+        self.past_names = self.io.past_names(self.arch.n_layer)
+        self.present_names = self.io.present_names(self.arch.n_layer)
+        self._run_lock = threading.Lock() if serialize_runs else None  # DirectML: one Run at a time per session
+        self._pool: dict[tuple[int, int], list[KVCache]] = {}
+        self._pool_lock = threading.Lock()
+
+    # -- caches ---------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """A cache for `batch` rows of up to `capacity` positions, reused from the pool when one fits."""
+        if capacity > self.arch.context_length:
+            raise ContextLengthError(
+                f"a KV cache of {capacity} positions exceeds the model's context of {self.arch.context_length}; "
+                "shorten the prompt or max_new_tokens"
+            )
+        if batch < 1 or capacity < 1:
+            raise UsageError(f"batch ({batch}) and capacity ({capacity}) must be >= 1")
+        if self.inplace:
+            with self._pool_lock:
+                pooled = self._pool.get((batch, capacity))
+                if pooled:
+                    cache = pooled.pop()
+                    cache.lengths[:] = 0
+                    return cache
+            return self._allocate_inplace(batch, capacity)
+        shape = (batch, self.arch.n_kv_head, 0, self.arch.head_dim)
+        return KVCache(
+            batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64),
+            values=[np.zeros(shape, self.kv_dtype) for _ in self.past_names], valid=np.zeros((batch, 0), np.int64),
+        )
+
+    def _allocate_inplace(self, batch: int, capacity: int) -> KVCache:
+        shape = [batch, self.arch.n_kv_head, capacity, self.arch.head_dim]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
+        binding = self.session.io_binding()
+        for past, present, value in zip(self.past_names, self.present_names, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # same memory: the step writes in place
+        return KVCache(batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64), values=values, binding=binding)
+
+    def release(self, cache: KVCache) -> None:
+        """Return an in-place cache's buffers to the pool for the next request of the same size."""
+        if self.inplace and cache.binding is not None:
+            with self._pool_lock:
+                pool = self._pool.setdefault((cache.batch, cache.capacity), [])
+                if len(pool) < 4:  # bounded: a burst of concurrent requests must not pin memory forever
+                    pool.append(cache)
+
+    def clear_pool(self) -> None:
+        with self._pool_lock:
+            self._pool.clear()
+
+    # -- one step -------------------------------------------------------------------------------
+    def forward(
+        self,
+        cache: KVCache,
+        input_ids: np.ndarray,
+        lengths: np.ndarray | None = None,
+        logits_index: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Append `input_ids` [B, S] (row b holds `lengths[b]` real tokens, right-padded) and return logits.
+
+        Returns float32 logits [B, K, V] for the positions in `logits_index` [B, K] (default: each row's
+        last real token, K = 1). The returned array is reused by the next call with the same (B, K):
+        copy it if you keep it.
+        """
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        B, S = input_ids.shape
+        if B != cache.batch:
+            raise UsageError(f"input batch {B} does not match the cache's batch {cache.batch}")
+        lengths = np.full(B, S, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        if lengths.min() < 1 or lengths.max() > S:
+            raise UsageError("each row needs between 1 and S new tokens")
+        if self.inplace and int((cache.lengths + S).max()) > cache.capacity:
+            raise ContextLengthError(f"the KV cache holds {cache.capacity} positions and this step needs {int((cache.lengths + S).max())}")
+        if int((cache.lengths + lengths).max()) > self.arch.context_length:
+            raise ContextLengthError(f"the sequence would exceed the model's context of {self.arch.context_length} positions")
+        if logits_index is None:
+            logits_index = (lengths - 1).reshape(B, 1)
+        logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        # Pads get in-range positions (their outputs are never used): the position table has context_length rows.
+        positions = np.minimum(cache.lengths[:, None] + np.arange(S)[None, :], self.arch.context_length - 1)
+        if self.inplace:
+            logits = self._forward_inplace(cache, input_ids, positions, lengths, logits_index)
+        else:
+            logits = self._forward_concat(cache, input_ids, positions, lengths, logits_index)
+        cache.lengths += lengths
+        return logits
+
+    def _logits_buffer(self, cache: KVCache, batch: int, k: int) -> tuple[np.ndarray, ort.OrtValue]:
+        """Host buffer the logits output is written into: no allocation per decode step."""
+        key = (batch, k)
+        if key not in cache.logits:
+            dtype = np.float16 if self.spec.dtype == "fp16" else np.float32
+            array = np.empty((batch, k, self.arch.vocab_size), dtype)
+            cache.logits[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        return cache.logits[key]
+
+    def _forward_inplace(self, cache, input_ids, positions, lengths, logits_index) -> np.ndarray:
+        io, binding = self.io, cache.binding
+        total = cache.lengths + lengths  # tokens per row after this step
+        binding.bind_cpu_input(io.input_ids, input_ids)
+        binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, np.int64))
+        binding.bind_cpu_input(io.seqlens_k, (total - 1).astype(np.int32))
+        binding.bind_cpu_input(io.total_sequence_length, np.array(int((cache.lengths + input_ids.shape[1]).max()), np.int32))
+        binding.bind_cpu_input(io.logits_index, logits_index)
+        array, value = self._logits_buffer(cache, *logits_index.shape)
+        binding.bind_ortvalue_output(io.logits, value)
+        self._run(lambda: self.session.run_with_iobinding(binding))
+        return array if array.dtype == np.float32 else array.astype(np.float32)
+
+    def _forward_concat(self, cache, input_ids, positions, lengths, logits_index) -> np.ndarray:
+        io = self.io
+        B, S = input_ids.shape
+        new_valid = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int64)
+        mask = np.concatenate([cache.valid, new_valid], axis=1)
+        feed = {io.input_ids: input_ids, io.attention_mask: mask}
+        if io.position_ids:
+            feed[io.position_ids] = np.ascontiguousarray(positions, np.int64)
+        if io.logits_index:
+            feed[io.logits_index] = logits_index
+        feed.update(zip(self.past_names, cache.values))
+        outputs = self._run(lambda: self.session.run([io.logits, *self.present_names], feed))
+        cache.values = outputs[1:]
+        cache.valid = mask
+        logits = outputs[0]
+        if not io.logits_index:  # graphs without logits_index (e.g. Optimum's) return every position
+            logits = np.take_along_axis(logits, logits_index[:, :, None], axis=1)
+        return logits.astype(np.float32, copy=False)
+
+    def _run(self, fn):
+        if self._run_lock is None:
+            return fn()
+        with self._run_lock:
+            return fn()
