@@ -1,0 +1,567 @@
+"""Next-token sampling as small, pure numpy functions (llama2.c / mlx-lm style).
+
+Why pure functions with the generator passed in: a seeded run repeats exactly
+(the only randomness is one `rng.random()` per sampled token), each filter can
+be tested on a hand-written vector, and the same code serves `generate`,
+`chat`, batched generation and the `next` table.
+
+Pipeline of `sample_next` (the llama.cpp / HF order, minus the exotic samplers):
+
+    logits -> NaN to -inf -> penalties -> (greedy: argmax) -> shift so max = 0
+           -> temperature -> top-k -> top-p -> min-p -> softmax -> one draw
+
+Conventions shared by every function here:
+- Work in float64: a float32 softmax over 50k tokens loses the tail, and
+  dividing a huge float32 logit by a small temperature overflows.
+- A masked token has logit -inf (probability exactly 0). NaN is never produced:
+  a NaN logit (a broken model) is treated as -inf, i.e. it can never be picked;
+  +inf logits share all the probability equally.
+- Ties are broken toward the lowest token id everywhere (greedy, top-k, top-p),
+  so `top_k=1` is exactly greedy and results never depend on sort stability.
+- Each filter always keeps the most likely token, so sampling never runs out of
+  candidates unless the model itself gave no finite logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gptedge.errors import UsageError
+
+__all__ = [
+    "SamplingParams",
+    "apply_penalties",
+    "apply_temperature",
+    "filter_logits",
+    "log_softmax",
+    "min_p_filter",
+    "sample_batch",
+    "sample_next",
+    "softmax",
+    "top_k_filter",
+    "top_p_filter",
+]
+
+History = Sequence[int] | np.ndarray
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every knob of one generation, checked once when built (not per token).
+
+    temperature 0 means greedy; top_k 0, top_p 1, min_p 0 and the neutral
+    penalties (1, 0, 0) switch their step off. `stop_token_ids` end generation
+    when sampled (the token is not output); `stop_strings` end it when the text
+    contains them (see gptedge.runtime.stopping). `seed=None` draws a fresh
+    seed from the OS; an int makes the run repeat exactly.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Friendly normalisation: one id / one string, or a list, becomes a tuple,
+        # so the frozen params stay hashable and comparable.
+        ids = self.stop_token_ids
+        if _is_int(ids) or isinstance(ids, str):
+            ids = (ids,)
+        strings = self.stop_strings
+        if isinstance(strings, str):
+            strings = (strings,)
+        try:
+            object.__setattr__(self, "stop_token_ids", tuple(ids))
+            object.__setattr__(self, "stop_strings", tuple(strings))
+        except TypeError:
+            raise UsageError(
+                "stop_token_ids and stop_strings must be sequences (e.g. (50256,) and ('\\n\\n',)), "
+                f"got {self.stop_token_ids!r} and {self.stop_strings!r}"
+            ) from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the allowed values for the first bad field."""
+        t = self.temperature
+        if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise UsageError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
+        p = self.top_p
+        if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}")
+        mp = self.min_p
+        if not _is_real(mp) or math.isnan(mp) or not 0.0 <= mp < 1.0:
+            raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {mp!r}")
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or r <= 0:
+            raise UsageError(f"repetition_penalty must be a finite number > 0 (1 switches it off), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise UsageError(f"{name} must be a finite number (0 switches it off), got {v!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        for i in self.stop_token_ids:
+            if not _is_int(i) or i < 0:
+                raise UsageError(f"stop_token_ids must be non-negative integer token ids, got {i!r}")
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise UsageError(f"stop_strings must be non-empty strings, got {s!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise UsageError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def make_rng(self) -> np.random.Generator:
+        """The generator a run with these params draws from (PCG64 via default_rng)."""
+        return np.random.default_rng(self.seed)
+
+
+# ----------------------------------------------------------------------------- helpers
+#
+# Internally a row of logits is kept as *candidates*: (ids, vals) with ids the
+# ascending token ids whose logit is > -inf (None meaning "all of them", the
+# common dense case, so no index array is built) and vals their logits. After
+# top-k only k candidates remain, so every later step (softmax, sort, cumsum,
+# draw) costs O(k), not O(V): exp() of -inf and index arrays over 50k tokens are
+# what made a naive full-vocabulary pipeline slow. The public full-row filters
+# convert to this form and back, so they and `sample_next` run the same code.
+
+Cands = tuple["np.ndarray | None", np.ndarray]
+
+
+def _as_logits(logits: np.ndarray) -> np.ndarray:
+    """A float64 copy with NaN mapped to -inf, so no later step can create NaN."""
+    x = np.array(logits, dtype=np.float64)
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise UsageError(f"logits must have a non-empty last (vocabulary) axis, got shape {x.shape}")
+    nan = np.isnan(x)
+    if nan.any():
+        x[nan] = -np.inf
+    return x
+
+
+def _check_1d(x: np.ndarray) -> None:
+    if x.ndim != 1:
+        raise UsageError(f"expected one row of logits with shape [vocab], got shape {x.shape}")
+
+
+def _shift_max_to_zero(x: np.ndarray, axis: int = -1, inplace: bool = False) -> np.ndarray:
+    """x - max(x) along axis, defined for -inf/+inf entries (NaN-free input).
+
+    Rows whose max is +inf become 0 at the +inf entries and -inf elsewhere (the
+    +inf tokens share the mass); a row with no finite logit has no distribution.
+    `inplace` reuses x's buffer: fresh 400 KB temporaries per token cost more
+    than the arithmetic on them (page faults), so the hot path avoids them.
+    """
+    m = np.max(x, axis=axis, keepdims=True)
+    if not np.isfinite(m).all():
+        if np.isneginf(m).any():
+            raise UsageError(
+                "every logit in a row is -inf or NaN, so there is nothing to sample; "
+                "check the model output (a NaN model) or the filters applied before"
+            )
+        pos = np.isposinf(m)
+        x = np.where(pos, np.where(np.isposinf(x), 0.0, -np.inf), x)
+        m = np.where(pos, 0.0, m)
+    with np.errstate(over="ignore"):  # -1e308 - 1e308 -> -inf is the intended result
+        if inplace:
+            x -= m
+            return x
+        return x - m
+
+
+def _compact(x: np.ndarray) -> Cands:
+    neg = x == -np.inf
+    if not neg.any():
+        return None, x
+    ids = np.flatnonzero(~neg)
+    return ids, x[ids]
+
+
+def _select(c: Cands, sel: np.ndarray) -> Cands:
+    """Keep candidates at ascending positions `sel` (order, hence canonical form, preserved)."""
+    ids, vals = c
+    return (sel if ids is None else ids[sel]), vals[sel]
+
+
+def _expand(c: Cands, vocab: int) -> np.ndarray:
+    ids, vals = c
+    if ids is None:
+        return vals
+    out = np.full(vocab, -np.inf)
+    out[ids] = vals
+    return out
+
+
+def _relative_probs(vals: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """exp(v - max v): each candidate's probability divided by the top one's."""
+    e = _shift_max_to_zero(vals, inplace=inplace)
+    return np.exp(e, out=e)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Stable softmax in float64 along `axis` (any leading batch shape).
+
+    -inf entries get probability 0, NaN counts as -inf, +inf entries share the
+    mass equally; a row with no finite logit raises UsageError instead of
+    returning NaN.
+    """
+    e = _shift_max_to_zero(_as_logits(logits), axis, inplace=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Stable log-softmax in float64 (perplexity, next-token tables).
+
+    Computed as (x - max) - log(sum(exp(x - max))), so huge logits do not
+    overflow; masked (-inf) entries give -inf, never NaN.
+    """
+    z = _shift_max_to_zero(_as_logits(logits), axis, inplace=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- penalties, temperature
+
+
+def _history_counts(history: History, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(history)
+    if ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise UsageError(
+            f"history must be a 1-D sequence of integer token ids, got dtype {ids.dtype} shape {ids.shape}"
+        )
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise UsageError(f"history holds token ids outside [0, {vocab}); pass ids from this model's vocabulary")
+    return np.unique(ids, return_counts=True)
+
+
+def _penalize(x: np.ndarray, history: History, repetition: float, presence: float, frequency: float) -> None:
+    """In place on a NaN-free float64 row; see apply_penalties."""
+    ids, counts = _history_counts(history, x.shape[0])
+    if ids.size == 0:
+        return
+    v = x[ids]
+    with np.errstate(over="ignore"):  # overflow to +-inf is the meaningful result here
+        if repetition != 1.0:
+            # HF / llama.cpp: push a seen token's logit toward "less likely" whatever its sign.
+            v = np.where(v > 0, v / repetition, v * repetition)
+        if presence != 0.0 or frequency != 0.0:
+            # OpenAI / llama.cpp; -inf stays -inf and the subtrahend is finite, so no inf - inf.
+            v = v - (counts * frequency + presence)
+    x[ids] = v
+
+
+def apply_penalties(
+    logits: np.ndarray,
+    history: History,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> np.ndarray:
+    """Penalize tokens that already occur in `history` (token ids; repeats count).
+
+    Semantics match HF and llama.cpp: the repetition penalty divides a seen
+    token's positive logit and multiplies a negative one (so > 1 always makes it
+    less likely); the presence penalty is subtracted once per seen token; the
+    frequency penalty is subtracted `count` times. Which ids form the history
+    (prompt + output, or a recent window) is the caller's choice.
+    Returns a new float64 row; the input is not modified.
+    """
+    # Same checks as SamplingParams, so a direct caller gets the same messages.
+    SamplingParams(
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty
+    )
+    x = _as_logits(logits)
+    _check_1d(x)
+    _penalize(x, history, float(repetition_penalty), float(presence_penalty), float(frequency_penalty))
+    return x
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """logits / temperature (temperature > 0; greedy is handled by argmax, not here).
+
+    < 1 sharpens, > 1 flattens. Returns a new float64 array; -inf stays -inf.
+    """
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise UsageError(
+            f"temperature for scaling must be a finite number > 0 (0 means greedy: use argmax), got {temperature!r}"
+        )
+    with np.errstate(over="ignore"):
+        return _as_logits(logits) / float(temperature)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _top_k(c: Cands, k: int) -> Cands:
+    vals = c[1]
+    n = vals.size
+    if k <= 0 or k >= n:
+        return c
+    # O(V) selection instead of a sort; the k-th largest value is the threshold.
+    idx = np.argpartition(vals, n - k)[n - k :]
+    thr = vals[idx].min()
+    if np.count_nonzero(vals == thr) == np.count_nonzero(vals[idx] == thr):
+        return _select(c, np.sort(idx))  # no tie crosses the boundary: the common case
+    return _select(c, _first_k(vals, thr, k))
+
+
+def _first_k(vals: np.ndarray, thr: float, k: int) -> np.ndarray:
+    """Positions of the k largest values, taking the lowest positions among those == thr.
+
+    `thr` must be the k-th largest value; vals are in token-id order, so this is
+    the deterministic "ties go to the lowest id" rule used by top-k and top-p.
+    """
+    keep = vals > thr  # at most k - 1 of these
+    keep[np.flatnonzero(vals == thr)[: k - int(np.count_nonzero(keep))]] = True
+    return np.flatnonzero(keep)
+
+
+def _nucleus(probs: np.ndarray, p: float) -> tuple[int, float]:
+    """(how many tokens top-p keeps, probability of the last one kept).
+
+    Sorts values, never indices (an argsort over 50k is ~10x slower than a value
+    sort), and first only the head: the top 64, 512, 4096, 32768 values
+    (np.partition, O(V) each) are tried before sorting everything, since peaked
+    distributions reach p within a few dozen tokens and flat ones within a few
+    thousand. Every value tied with the selection threshold is included, so a
+    sorted head is an exact prefix of the fully sorted values and its
+    sequential cumsum equals the full one's. Zero probabilities carry no mass
+    and are never counted.
+    """
+    n = probs.size
+    for m in (64, 512, 4096, 32768, n):
+        thr = np.partition(probs, n - m)[n - m] if m < n else 0.0
+        head = np.sort(probs[probs >= thr] if thr > 0 else probs[probs > 0])[::-1]
+        cs = np.cumsum(head)
+        if thr == 0 or cs[-1] >= p:
+            cut = min(int(np.searchsorted(cs, p, side="left")) + 1, head.size)
+            return cut, float(head[cut - 1])
+    raise AssertionError("unreachable: the last pass covers every non-zero probability")
+
+
+def _top_p(c: Cands, p: float) -> Cands:
+    if p >= 1.0:
+        return c
+    probs = _relative_probs(c[1])
+    probs /= probs.sum()
+    count, last = _nucleus(probs, p)
+    # The kept set is {prob > last} plus the lowest ids among {prob == last}.
+    return _select(c, _first_k(probs, last, count))
+
+
+def _min_p(c: Cands, min_p: float) -> Cands:
+    if min_p <= 0.0:
+        return c
+    # prob_i >= min_p * prob_max  <=>  exp(v_i - v_max) >= min_p; no normalisation needed.
+    return _select(c, np.flatnonzero(_relative_probs(c[1]) >= min_p))
+
+
+def _full_row_filter(logits: np.ndarray, step: Callable[[Cands, Any], Cands], arg: Any) -> np.ndarray:
+    x = _as_logits(logits)
+    _check_1d(x)
+    return _expand(step(_compact(x), arg), x.shape[0])
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep exactly the k most likely tokens (k = 0 or k >= vocab: keep all).
+
+    Ties at the boundary are broken toward the lowest token ids, so exactly k
+    tokens survive (fewer only if fewer than k logits are > -inf) and
+    top_k = 1 picks the same token as greedy. Uses np.partition, O(V), no sort.
+    """
+    if not _is_int(k) or k < 0:
+        raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {k!r}")
+    return _full_row_filter(logits, _top_k, int(k))
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter: keep the smallest most-likely set with cumulative prob >= p.
+
+    Tokens are ordered by probability, ties by lowest id, and the shortest
+    prefix of that order whose sequential cumulative sum reaches p is kept; the
+    top token is always kept and zero-probability tokens never are (so if
+    rounding leaves the total just below p, all non-zero tokens stay). p = 1
+    keeps everything.
+    """
+    if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}")
+    return _full_row_filter(logits, _top_p, float(p))
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Keep tokens whose probability is >= min_p * (probability of the top token).
+
+    Unlike top-p this scales with the model's confidence: a peaked distribution
+    keeps few tokens, a flat one keeps many. min_p < 1 always keeps the top token.
+    """
+    if not _is_real(min_p) or math.isnan(min_p) or not 0.0 <= min_p < 1.0:
+        raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {min_p!r}")
+    return _full_row_filter(logits, _min_p, float(min_p))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _penalized(logits: np.ndarray, params: SamplingParams, history: History | None) -> np.ndarray:
+    """Sanitized float64 copy of one row with the params' penalties applied."""
+    x = _as_logits(logits)
+    _check_1d(x)
+    if params.penalized and history is not None:
+        _penalize(x, history, params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
+    return x
+
+
+def _argmax(x: np.ndarray) -> int:
+    i = int(np.argmax(x))  # first maximum: lowest id on ties
+    if x[i] == -np.inf:
+        raise UsageError("every logit is -inf or NaN, so there is nothing to sample; check the model output")
+    return i
+
+
+def _candidates(x: np.ndarray, params: SamplingParams) -> Cands:
+    """temperature -> top-k -> top-p -> min-p on a penalized row we own (non-greedy)."""
+    # Shift so max = 0 before dividing: a huge logit / a small temperature cannot overflow.
+    z = _shift_max_to_zero(x, inplace=True)
+    if params.temperature != 1.0:
+        with np.errstate(over="ignore"):  # z <= 0, so overflow can only reach -inf (masked)
+            z /= params.temperature
+    c = _top_k(_compact(z), params.top_k)
+    c = _top_p(c, params.top_p)
+    return _min_p(c, params.min_p)
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams, history: History | None = None) -> np.ndarray:
+    """The row `sample_next` draws from: kept tokens' (scaled) logits, -inf elsewhere.
+
+    Exposed so tests and tools (e.g. "what could the sampler pick") see exactly
+    the candidate set, computed by the same code as sampling. For greedy params
+    only the argmax survives.
+    """
+    x = _penalized(logits, params, history)
+    if params.greedy:
+        out = np.full_like(x, -np.inf)
+        i = _argmax(x)
+        out[i] = x[i]
+        return out
+    return _expand(_candidates(x, params), x.shape[0])
+
+
+def sample_next(
+    logits_row: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator | None,
+    history: History | None = None,
+) -> int:
+    """Pick the next token id from one row of logits, shape [vocab].
+
+    Greedy (temperature 0) returns the argmax after penalties (lowest id on
+    ties) and never touches `rng` (None is fine). Otherwise: penalties ->
+    temperature -> top-k -> top-p -> min-p -> softmax -> exactly one
+    `rng.random()` draw (inverse CDF), so a seeded generator repeats the same
+    tokens. `history` is the ids the penalties look at (ignored when they are
+    neutral).
+    """
+    if params.greedy:
+        return _argmax(_penalized(logits_row, params, history))
+    if not isinstance(rng, np.random.Generator):
+        raise UsageError("sampling with temperature > 0 needs rng=np.random.default_rng(seed) (or params.make_rng())")
+    ids, vals = _candidates(_penalized(logits_row, params, history), params)
+    i = _draw(_relative_probs(vals, inplace=True), rng.random())  # vals is ours: reuse it
+    return i if ids is None else int(ids[i])
+
+
+_BLOCK = 1024
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """Inverse-CDF pick of a position with weight > 0, for u in [0, 1).
+
+    np.cumsum is sequential and slow over 50k entries, so a long row is cut into
+    blocks: pick the block from the cumsum of the block sums, then the position
+    from the cumsum inside that one block. Weights need not be normalised.
+    """
+    if weights.size <= 4 * _BLOCK:
+        cs = np.cumsum(weights)
+        return _search(weights, cs, u * cs[-1])
+    starts = np.arange(0, weights.size, _BLOCK)
+    sums = np.add.reduceat(weights, starts)
+    block_cs = np.cumsum(sums)
+    target = u * block_cs[-1]
+    j = _search(sums, block_cs, target)
+    block = weights[starts[j] : starts[j] + _BLOCK]
+    return int(starts[j]) + _search(block, np.cumsum(block), target - (block_cs[j - 1] if j else 0.0))
+
+
+def _search(weights: np.ndarray, cs: np.ndarray, target: float) -> int:
+    """First position whose cumsum exceeds target; that position always has weight > 0."""
+    i = int(np.searchsorted(cs, target, side="right"))
+    if i >= cs.size:  # rounding put the target at the very end: last position with weight
+        i = int(np.flatnonzero(weights)[-1])
+    return i
+
+
+def sample_batch(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator | None,
+    histories: Sequence[History | None] | None = None,
+) -> np.ndarray:
+    """Sample one token per row of logits [batch, vocab] -> int64 ids [batch].
+
+    Rows draw from the shared generator in row order, so a seeded batch repeats
+    and row b gets the same token as `sample_next` called in that order.
+    Greedy without penalties is one vectorised argmax.
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise UsageError(f"expected logits with shape [batch, vocab], got shape {logits.shape}")
+    if histories is not None and len(histories) != logits.shape[0]:
+        raise UsageError(f"got {len(histories)} histories for {logits.shape[0]} rows; pass one per row (or None)")
+    if params.greedy and (histories is None or not params.penalized):
+        x = _as_logits(logits)
+        out = np.argmax(x, axis=-1)
+        if np.isneginf(x[np.arange(x.shape[0]), out]).any():
+            raise UsageError(
+                "a row of logits is all -inf or NaN, so there is nothing to sample; check the model output"
+            )
+        return out.astype(np.int64)
+    hs = histories if histories is not None else [None] * logits.shape[0]
+    return np.array([sample_next(row, params, rng, h) for row, h in zip(logits, hs)], dtype=np.int64)
