@@ -15,6 +15,7 @@ TensorProto.dims(1), .data_type(2), .name(8), .raw_data(9), .external_data(13), 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class TensorInfo:
     dims: list[int] = field(default_factory=list)
     data_type: int = 0
     raw_bytes: int = 0  # length of inline raw_data
+    encoded_bytes: int = 0  # length of the whole TensorProto message (bounds what typed inline data can hold)
     external: dict[str, str] = field(default_factory=dict)  # location, offset, length
 
     @property
@@ -90,7 +92,7 @@ def _signed64(value: int) -> int:
 
 
 def _tensor(buf: memoryview) -> TensorInfo:
-    info = TensorInfo()
+    info = TensorInfo(encoded_bytes=len(buf))
     for number, wire, value in _fields(buf):
         if number == 1 and wire == 0:
             info.dims.append(_signed64(value))
@@ -140,13 +142,20 @@ def scan_model(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> 
     folder = model_path.resolve().parent
     if not model_path.is_file() or model_path.stat().st_size == 0:
         raise BundleError(f"{model_path} is missing or empty; re-export or re-copy the bundle")
+    problem = None
     with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         tensors: list[TensorInfo] = []
         view = memoryview(mm)
         try:
             _walk(view, "model", tensors)
+        except BundleError as exc:
+            # Raise after the mmap is closed: the traceback's frames hold slices of it, and closing an
+            # mmap with live slices raises BufferError, which would hide this message.
+            problem = str(exc)
         finally:
             view.release()
+    if problem is not None:
+        raise BundleError(problem)
     for t in tensors:
         _check_tensor(t, folder, max_bytes)
     return tensors
@@ -161,6 +170,10 @@ def _check_tensor(t: TensorInfo, folder: Path, max_bytes: int) -> None:
         raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} ({expected / 2**30:.0f} GiB); refusing to load it")
     if t.raw_bytes and expected is not None and t.raw_bytes != expected:
         raise BundleError(f"model.onnx tensor {label}: {t.raw_bytes} bytes stored for a declared {expected}; the model is corrupt")
+    if not t.raw_bytes and not t.external and math.prod(t.dims) > 2 * t.encoded_bytes:
+        # Typed inline data (float_data, int64_data...) takes at least half a byte per element (4-bit types).
+        raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} but stores {t.encoded_bytes} bytes inline; "
+                          "refusing a corrupt or hostile model")
     if not t.external:
         return
     location = t.external.get("location", "")

@@ -1,0 +1,245 @@
+"""`export_bundle`: a gptedge checkpoint or a local Hugging Face GPT-2 folder -> a verified bundle.
+
+Order of work, so that bad input fails fast and nothing half-done is ever visible:
+  1. check the options and that the output may be written (cheap);
+  2. load the source (CheckpointError for anything that is not a supported model);
+  3. in a temporary folder next to the destination: trace the graph, save it with
+     external weights, write tokenizer.json, run ONNX Runtime against PyTorch;
+  4. write gptedge.json (checksums of every file) last, then rename the folder into place.
+A verification failure raises ExportError and the temporary folder is removed.
+
+Default dtype per target: cpu -> fp32 (CPU kernels are fastest and exact in fp32),
+cuda -> fp16 (GroupQueryAttention on CUDA runs fp16/bf16 only), dml -> fp16 (GPUs
+behind DirectML are built for fp16; GroupQueryAttention runs fp32 and fp16 there).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from gptedge.errors import CheckpointError, UsageError
+from gptedge.runtime.bundle import (
+    DTYPES, KV_UPDATES, MODEL_NAME, TARGETS, TOKENIZER_NAME, Architecture, BundleSpec, KVCacheSpec, sha256_file, write_spec,
+)
+
+DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16", "dml": "fp16"}
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class Source:
+    kind: str  # "gptedge-checkpoint" or "huggingface-gpt2"
+    path: Path
+    model: Any  # gptedge.train.model.GPT, fp32, eval
+    tokenizer: Any  # tokenizers.Tokenizer
+    tokenizer_file: Path | None  # copied verbatim when present
+    special_tokens: dict[str, Any] = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    weight_files: list[Path] = field(default_factory=list)
+
+
+class Progress:
+    """Stage lines on stderr with timings ("export: tracing the graph ... 4.2 s"); silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            print(f"export: {text}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def stage(self, key: str, text: str) -> Iterator[None]:
+        if self.enabled:
+            print(f"export: {text} ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if self.enabled:
+                print(" failed", file=sys.stderr, flush=True)
+            raise
+        self.seconds[key] = round(time.perf_counter() - start, 3)
+        if self.enabled:
+            print(f" {self.seconds[key]:.1f} s", file=sys.stderr, flush=True)
+
+
+def _gptedge_special_tokens(tok) -> dict[str, Any]:
+    """gptedge models separate documents with <|endoftext|>: it both starts (bos) and ends (eos) a text, as in GPT-2."""
+    tid = tok.token_to_id(EOT)
+    return {} if tid is None else {"bos_id": tid, "bos": EOT, "eos_id": tid, "eos": EOT}
+
+
+def load_source(path: str | Path) -> Source:
+    """Load a gptedge checkpoint or a local Hugging Face GPT-2 folder; CheckpointError for anything else."""
+    from gptedge.export import hf
+    from gptedge.train import checkpoint
+    from gptedge.train.tokenizer import load_tokenizer
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face GPT-2 folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+    if checkpoint.is_checkpoint(path):
+        model, _ = checkpoint.load_checkpoint(path)
+        tok = load_tokenizer(path / checkpoint.TOKENIZER)
+        return Source(
+            kind="gptedge-checkpoint", path=path.resolve(), model=model.eval().requires_grad_(False), tokenizer=tok,
+            tokenizer_file=path / checkpoint.TOKENIZER, special_tokens=_gptedge_special_tokens(tok),
+            weight_files=[path / checkpoint.WEIGHTS],
+        )
+    if hf.is_hf_folder(path):
+        src = hf.load_hf_gpt2(path)
+        return Source(
+            kind=f"huggingface-{src.model_type}", path=path.resolve(), model=src.model, tokenizer=src.tokenizer,
+            tokenizer_file=src.tokenizer_file, special_tokens=src.special_tokens,
+            generation_defaults=src.generation_defaults, weight_files=src.weight_files,
+        )
+    raise CheckpointError(
+        f"{path} is neither a gptedge checkpoint (config.json with \"format\": \"gptedge-checkpoint\" + model.safetensors) "
+        "nor a Hugging Face model folder (config.json with model_type + weights); pass one of those"
+    )
+
+
+def _check_options(target: str, dtype: str | None, kv: str) -> str:
+    if target not in TARGETS:
+        raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    dtype = dtype or DEFAULT_DTYPE[target]
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if kv not in KV_UPDATES:
+        raise UsageError(f"kv {kv!r} is not one of {', '.join(KV_UPDATES)}")
+    if target == "cuda" and dtype == "fp32" and kv == "inplace":
+        raise UsageError("CUDA's GroupQueryAttention runs fp16 only: use --dtype fp16 for --target cuda, or --kv concat for an fp32 CUDA bundle")
+    return dtype
+
+
+def _check_paths(source: Path, out: Path, force: bool) -> None:
+    from gptedge.errors import OutputExistsError
+
+    src, dst = source.expanduser().resolve(), out.expanduser().resolve()
+    if dst == src or dst in src.parents:
+        raise UsageError(f"the output folder {out} would replace the source {source}; choose another output folder")
+    if dst.exists() and not force:
+        raise OutputExistsError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another folder")
+
+
+def _context(max_context: int | None, block_size: int) -> int:
+    if max_context is None:
+        return block_size
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+        raise UsageError(f"max_context must be a positive integer, not {max_context!r}")
+    if max_context > block_size:
+        raise UsageError(
+            f"--max-context {max_context} exceeds the model's block size {block_size} (the positions it has embeddings for); "
+            f"use at most {block_size}"
+        )
+    return max_context
+
+
+def export_model(model, context: int, dtype: str):
+    """A copy of `model` cut to `context` positions (the position table is the only part that depends on it), in `dtype`."""
+    import torch
+
+    m = copy.deepcopy(model)  # deepcopy keeps lm_head tied to wte
+    if context < m.config.block_size:
+        m.transformer.wpe = torch.nn.Embedding.from_pretrained(m.transformer.wpe.weight[:context].clone(), freeze=True)
+        m.config = replace(m.config, block_size=context)
+    m = m.to(torch.float16 if dtype == "fp16" else torch.float32).eval().requires_grad_(False)
+    return m
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from gptedge import __version__
+
+    return {"gptedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def export_bundle(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    target: str = "cpu",
+    dtype: str | None = None,
+    max_context: int | None = None,
+    kv: str = "inplace",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Export `source` to a verified bundle folder `out_dir` and return its path.
+
+    target: "cpu" | "cuda" | "dml"; dtype: "fp32" | "fp16" (default: fp32 for cpu, fp16 for cuda and dml);
+    max_context: positions the bundle serves (<= the model's block size; default: all of them);
+    kv: "inplace" (GroupQueryAttention, shared KV buffer; default) or "concat" (standard ops only).
+    Raises UsageError, CheckpointError, OutputExistsError, ExportError (verification) or GptEdgeError
+    (unwritable output); in every case nothing is written.
+    """
+    from gptedge.atomic import atomic_output_dir
+    from gptedge.export.graph import OPSET, export_graph, io_spec
+    from gptedge.export.verify import verify
+
+    dtype = _check_options(target, dtype, kv)
+    source, out_dir = Path(source), Path(out_dir)
+    _check_paths(source, out_dir, force)
+    log = Progress(progress)
+    started = time.perf_counter()
+    with log.stage("load", f"loading {source}"):
+        src = load_source(source)
+    config = src.model.config
+    context = _context(max_context, config.block_size)
+    arch = Architecture(
+        family="gpt2", n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_head, head_dim=config.head_dim,
+        n_embd=config.n_embd, vocab_size=config.vocab_size, context_length=context,
+    )
+    spec = BundleSpec(
+        architecture=arch, dtype=dtype, target=target, io=io_spec(kv), kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
+        special_tokens=src.special_tokens, generation_defaults=src.generation_defaults,
+    )
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        model = export_model(src.model, context, dtype)
+        with log.stage("trace", f"tracing the graph (dynamo, opset {OPSET}, kv={kv}, {dtype}) and saving it"):
+            stats = export_graph(model, kv, tmp / MODEL_NAME, context_length=context)
+        del model
+        if src.tokenizer_file is not None:
+            shutil.copyfile(src.tokenizer_file, tmp / TOKENIZER_NAME)
+        else:
+            src.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        with log.stage("verify", "verifying against PyTorch in ONNX Runtime (batch 2, prefill + decode)"):
+            ids = src.tokenizer.encode("def main():\n    print('hello, world')\n").ids
+            spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
+        with log.stage("checksum", "writing gptedge.json (sha256 of every file)"):
+            spec.provenance = {
+                "source": str(src.path),
+                "source_kind": src.kind,
+                "source_sha256": {f.name: sha256_file(f) for f in src.weight_files},
+                "tools": _versions(),
+                "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "opset": OPSET,
+                "graph_nodes": stats.nodes,
+                "graph_op_types": stats.op_types,
+                "export_seconds": round(time.perf_counter() - started, 3),
+            }
+            write_spec(tmp, spec)
+    out = out_dir.expanduser().resolve()
+    sizes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    v = spec.verification
+    log.note(
+        f"wrote {out} ({sizes / 1e6:.1f} MB, {stats.nodes} nodes) in {time.perf_counter() - started:.1f} s; "
+        f"max |diff| prefill {v['max_abs_diff_prefill']:.2e}, decode {v['max_abs_diff_decode']:.2e}, "
+        f"greedy agreement {v['greedy_agreement']:.0%} over {v['greedy_compared']} tokens"
+    )
+    return out

@@ -1,0 +1,268 @@
+"""The torch modules that *define* the exported ONNX graphs, and the export call itself.
+
+Two graphs, both following the contract in `gptedge.runtime.bundle` exactly:
+
+- `InplaceGraph` ("inplace", the default): attention is ONNX Runtime's
+  `com.microsoft::GroupQueryAttention`, emitted with `torch.onnx.ops.symbolic_multi_out`.
+  The KV cache is one fixed-capacity buffer per layer; binding the same OrtValue as
+  past and present makes a decode step write only the new token's keys, O(1) per step.
+  Each row's real length travels in `seqlens_k`, so right-padded batches need no mask.
+- `ConcatGraph` ("concat", an explicit option): standard ops only (MatMul, Softmax,
+  Where), present = past ++ new, padding carried by `attention_mask`. Portable to any
+  runtime, at an O(context) copy per step.
+
+Both graphs share the same weights and arithmetic as `gptedge.train.model.GPT`
+(verification compares them against `GPT.forward`, not against these wrappers), and
+both avoid `is_causal=True`: with a past the causal mask must be aligned bottom-right.
+
+The LM head is `Gemm(h, wte, transB=1)` on the embedding table itself, so the tied
+matrix is stored once (a MatMul would make the exporter fold a transposed copy of
+it into the file: 154 MB more for GPT-2 small in fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptedge.runtime.bundle import IOSpec
+from gptedge.train.model import GPT, Block
+
+OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
+CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
+INPLACE_IO = IOSpec()
+
+
+def io_spec(kv: str) -> IOSpec:
+    """The IOSpec a bundle of this KV kind declares (bundle.py's defaults for "inplace")."""
+    return INPLACE_IO if kv == "inplace" else CONCAT_IO
+
+
+class _GraphBase(nn.Module):
+    """Embedding, MLP and tied head shared by both graphs; attention is the subclass's business."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        tr = self.model.transformer
+        return tr.wte(input_ids) + tr.wpe(position_ids)  # [B, S, C]
+
+    @staticmethod
+    def mlp(block: Block, x: torch.Tensor) -> torch.Tensor:
+        return x + block.mlp(block.ln_2(x))
+
+    def head(self, x: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and logits for the K positions in `logits_index` [B, K] only."""
+        h = self.model.transformer.ln_f(x)  # [B, S, C]
+        B, K = logits_index.shape
+        C = h.shape[-1]
+        h = h.gather(1, logits_index.unsqueeze(-1).expand(B, K, C))  # [B, K, C]
+        # 2-D F.linear on the embedding table exports as Gemm(transB=1): the tied weight is stored once.
+        logits = F.linear(h.reshape(B * K, C), self.model.transformer.wte.weight)  # [B*K, V]
+        return logits.reshape(B, K, -1)
+
+
+class InplaceGraph(_GraphBase):
+    """inputs: input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, past_* (see bundle.py)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        position_ids: torch.Tensor,  # [B, S] int64
+        seqlens_k: torch.Tensor,  # [B] int32: tokens in the cache after this call - 1
+        total_sequence_length: torch.Tensor,  # [] int32
+        logits_index: torch.Tensor,  # [B, K] int64
+        *past: torch.Tensor,  # 2 * n_layer of [B, Hkv, capacity, D]
+    ) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        x = self.embed(input_ids, position_ids)
+        presents: list[torch.Tensor] = []
+        for i, block in enumerate(self.model.transformer.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(c.n_embd, dim=2)  # each [B, S, C]
+            past_k, past_v = past[2 * i], past[2 * i + 1]
+            y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                [q, k, v, past_k, past_v, seqlens_k, total_sequence_length],
+                dict(num_heads=c.n_head, kv_num_heads=c.n_head, scale=1.0 / c.head_dim**0.5),
+                dtypes=(q.dtype, past_k.dtype, past_v.dtype),
+                shapes=(q.shape, past_k.shape, past_v.shape),
+                version=1,
+            )
+            x = self.mlp(block, x + attn.c_proj(y))
+            presents += [new_k, new_v]
+        return (self.head(x, logits_index), *presents)
+
+
+class ConcatGraph(_GraphBase):
+    """inputs: input_ids, position_ids, attention_mask [B, P+S], logits_index, past_* [B, H, P, D]."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        position_ids: torch.Tensor,  # [B, S] int64
+        attention_mask: torch.Tensor,  # [B, P+S] int64, 1 = real token
+        logits_index: torch.Tensor,  # [B, K] int64
+        *past: torch.Tensor,  # 2 * n_layer of [B, H, P, D]
+    ) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        B, S = input_ids.shape
+        x = self.embed(input_ids, position_ids)
+        # Bottom-right causal mask: new token i sits at cache index P + i and sees keys 0..P+i
+        # that the attention mask marks real. Never is_causal=True: it aligns top-left.
+        T = attention_mask.shape[1]
+        keys = torch.arange(T, device=x.device)  # [T]
+        queries = torch.arange(S, device=x.device) + (T - S)  # [S]
+        allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+        blocked = torch.finfo(x.dtype).min
+        presents: list[torch.Tensor] = []
+        for i, block in enumerate(self.model.transformer.h):
+            attn = block.attn
+            q, k, v = attn.split_heads(block.ln_1(x))  # each [B, H, S, D]
+            k = torch.cat([past[2 * i], k], dim=2)  # [B, H, T, D]
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            scores = (q * (1.0 / c.head_dim**0.5)) @ k.transpose(2, 3)  # [B, H, S, T]
+            probs = scores.masked_fill(~allowed, blocked).softmax(dim=-1)
+            y = (probs @ v).transpose(1, 2).reshape(B, S, c.n_embd)  # [B, S, C]
+            x = self.mlp(block, x + attn.c_proj(y))
+            presents += [k, v]
+        return (self.head(x, logits_index), *presents)
+
+
+def graph_names(kv: str, n_layer: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in declaration order, from the IOSpec (one source of truth)."""
+    io = io_spec(kv)
+    extra = [io.seqlens_k, io.total_sequence_length] if kv == "inplace" else [io.attention_mask]
+    inputs = [io.input_ids, io.position_ids, *extra, io.logits_index, *io.past_names(n_layer)]
+    return inputs, [io.logits, *io.present_names(n_layer)]
+
+
+def example_inputs(kv: str, model: GPT, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs; every dynamic size differs and is >= 2 so none gets specialised."""
+    c = model.config
+    B, S, K, P = 2, 5, 3, 7  # P: KV capacity ("inplace") or past length ("concat")
+    ids = torch.zeros(B, S, dtype=torch.long)
+    past = tuple(torch.zeros(B, c.n_head, P, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layer))
+    if kv == "inplace":
+        extra: tuple[torch.Tensor, ...] = (torch.full((B,), S - 1, dtype=torch.int32), torch.tensor(S, dtype=torch.int32))
+    else:
+        extra = (torch.ones(B, P + S, dtype=torch.long),)
+    return (ids, ids.clone(), *extra, torch.zeros(B, K, dtype=torch.long), *past)
+
+
+def dynamic_shapes(kv: str, model: GPT, context_length: int) -> tuple:
+    """torch.export dims, named as the ONNX graph will name them (batch, sequence, kv_capacity, ...)."""
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=4096)
+    seq = Dim("sequence", min=1, max=context_length)
+    nlogits = Dim("logits_count", min=1, max=context_length)
+    n_past = 2 * model.config.n_layer
+    if kv == "inplace":
+        capacity = Dim("kv_capacity", min=1, max=context_length)
+        return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: nlogits},
+                tuple({0: batch, 2: capacity} for _ in range(n_past)))
+    past_len = Dim("past_sequence", min=0, max=context_length)
+    total = Dim.DYNAMIC  # = past_sequence + sequence; named Dims cannot be added, export infers the relation
+    return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: nlogits},
+            tuple({0: batch, 2: past_len} for _ in range(n_past)))
+
+
+@dataclass
+class GraphStats:
+    seconds: float
+    nodes: int
+    op_types: dict[str, int]
+
+
+def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, verbose: bool = False) -> GraphStats:
+    """Trace `model` (already in its export dtype, eval mode) and save `path` + `path.data`."""
+    import onnx
+
+    wrapper = (InplaceGraph if kv == "inplace" else ConcatGraph)(model).eval()
+    dtype = next(model.parameters()).dtype
+    inputs, outputs = graph_names(kv, model.config.n_layer)
+    start = time.perf_counter()
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a GPT
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; real failures raise
+            program = torch.onnx.export(
+                wrapper, example_inputs(kv, model, dtype), None, dynamo=True, opset_version=OPSET,
+                dynamic_shapes=dynamic_shapes(kv, model, context_length), input_names=inputs, output_names=outputs,
+                optimize=True, verify=False, report=False, verbose=verbose,
+            )
+    finally:
+        registry_log.setLevel(level)
+    proto = tidy(program.model_proto)
+    if kv == "concat":
+        name_total_dims(proto, graph_names(kv, model.config.n_layer))
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return GraphStats(seconds=time.perf_counter() - start, nodes=len(proto.graph.node), op_types=counts)
+
+
+def name_total_dims(proto, names: tuple[list[str], list[str]]) -> None:
+    """The concat graph's attention-mask and present length is past + new: call it `total_sequence` everywhere."""
+    inputs, outputs = names
+    wanted = {inputs[2]: 1, **{name: 2 for name in outputs[1:]}}  # attention_mask dim 1, present_* dim 2
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name in wanted:
+            value.type.tensor_type.shape.dim[wanted[value.name]].dim_param = "total_sequence"
+
+
+def tidy(proto):
+    """Readable node and weight names from the module path; drop trace metadata (it embeds local file paths).
+
+    Names like `transformer.h.3.attn.c_attn/MatMul` let quantization exclude or
+    select nodes by module, the way one reads the PyTorch model.
+    """
+    import ast
+
+    proto.doc_string = ""
+    proto.graph.doc_string = ""
+    used: set[str] = set()
+    renamed: dict[str, str] = {}
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")) or []  # full module paths, op last
+        module = scopes[-2].removeprefix("model.") if len(scopes) > 1 else ""
+        module = "" if module.startswith("_empty_nn_module_stack") else module
+        base = f"{module}/{node.op_type}" if module else node.op_type
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        node.name = name
+        del node.metadata_props[:]
+        node.doc_string = ""
+        if module and node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1].startswith("val_"):
+            renamed.setdefault(node.input[1], f"{module}.weight_t")  # [in, out]: the transposed Linear weight
+    for init in proto.graph.initializer:
+        init.name = renamed.get(init.name, init.name.removeprefix("model."))
+        init.doc_string = ""
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+            elif name.startswith("model."):
+                node.input[i] = name.removeprefix("model.")
+    for value in list(proto.graph.value_info):
+        value.doc_string = ""
+    del proto.metadata_props[:]
+    return proto
