@@ -1,0 +1,325 @@
+"""Training data: text files, folders, globs or prompt/completion JSONL -> cached token ids -> batches.
+
+The corpus is one stream of token ids: documents joined by `<|endoftext|>`,
+JSONL examples as prompt + completion + `<|endoftext|>`. A parallel mask
+marks which tokens may be *targets* (0 on prompt tokens), so fine-tuning puts
+the loss on completions only while using the same sampler as pretraining.
+(Windows are packed: one may span two examples, as in GPT-2 pretraining; no padding is wasted.)
+A literal `<|endoftext|>` inside the input text is read as the special token.
+Token ids live in a memory-mapped .npy under a cache folder keyed by the input
+files (paths, sizes, mtimes) and the tokenizer, so a second run starts at once.
+
+With no inputs the corpus is the Python standard library's own source, which
+is present wherever Python is: a code-completion model with no download.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gptedge.atomic import atomic_output_dir
+from gptedge.errors import DataError
+
+CACHE_FORMAT = 1  # bump when the cached layout or the tokenization rules change
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (F.cross_entropy's default)
+
+
+def default_cache_dir() -> Path:
+    """$GPTEDGE_CACHE, else $XDG_CACHE_HOME/gptedge, else ~/.cache/gptedge."""
+    if os.environ.get("GPTEDGE_CACHE"):
+        return Path(os.environ["GPTEDGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptedge"
+
+
+def warn(message: str) -> None:
+    print(f"gptedge: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files in a fixed order, without its tests and installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"}
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # prune: site-packages alone can hold 100k files
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_inputs(specs: Sequence[str]) -> list[Path]:
+    """Expand files, folders (recursively, hidden entries skipped) and globs into a sorted, de-duplicated list."""
+    found: dict[Path, None] = {}  # ordered set
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+        elif any(c in spec for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"the pattern {spec!r} matches no files; check the pattern (quote it so the shell does not expand it)")
+        else:
+            raise DataError(f"{spec} does not exist; pass text files, folders, globs or .jsonl files")
+        if path.is_dir() and not matches:
+            raise DataError(f"the folder {spec} contains no files; put text files in it or pass other data")
+        for m in matches:
+            found.setdefault(m.resolve(), None)
+    return list(found)
+
+
+def fingerprint(files: Sequence[Path], max_bytes: int | None) -> str:
+    """Hash of what identifies the raw data: each file's path, size and mtime, plus the byte cap."""
+    h = hashlib.sha256(f"gptedge-data-{CACHE_FORMAT}|{max_bytes}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the files
+
+
+@dataclass
+class Sources:
+    """Decoded inputs: plain-text documents and (prompt, completion) examples."""
+
+    texts: list[str] = field(default_factory=list)
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    n_files: int = 0  # files actually read
+    skipped: list[Path] = field(default_factory=list)  # not UTF-8
+    n_bytes: int = 0
+
+    def training_texts(self) -> list[str]:
+        """Everything the tokenizer should learn from."""
+        return self.texts + [p + c for p, c in self.examples]
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[str, str]]:
+    examples = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {{\"prompt\": ..., \"completion\": ...}}") from exc
+        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str)):
+            raise DataError(f"{path}:{lineno}: each line must be an object with string fields \"prompt\" and \"completion\"")
+        examples.append((obj["prompt"], obj["completion"]))
+    return examples
+
+
+def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Callable[[str], None] = warn) -> Sources:
+    """Read and decode `files` in order; skip (and count) those that are not UTF-8; stop after `max_bytes`."""
+    src = Sources()
+    for path in files:
+        if max_bytes is not None and src.n_bytes >= max_bytes:
+            break
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc.strerror or exc}; fix its permissions or leave it out") from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            src.skipped.append(path)
+            continue
+        text = text.removeprefix("\ufeff")  # a BOM is an encoding mark, not text
+        src.n_files += 1
+        if path.suffix.lower() == ".jsonl":
+            for prompt, completion in _read_jsonl(path, text):
+                src.examples.append((prompt, completion))
+                src.n_bytes += len(prompt.encode()) + len(completion.encode())
+                if max_bytes is not None and src.n_bytes >= max_bytes:
+                    break
+            continue
+        if max_bytes is not None and src.n_bytes + len(raw) > max_bytes:
+            # Cut at the cap; errors="ignore" only drops a character split by the cut.
+            text = raw[: max_bytes - src.n_bytes].decode("utf-8", errors="ignore")
+        if text:
+            src.texts.append(text)
+            src.n_bytes += len(text.encode())
+    if src.skipped:
+        shown = ", ".join(str(p) for p in src.skipped[:5])
+        more = f" and {len(src.skipped) - 5} more" if len(src.skipped) > 5 else ""
+        log(f"skipped {len(src.skipped)} file(s) that are not UTF-8 text: {shown}{more}")
+    if src.n_files == 0 and src.skipped:
+        raise DataError(f"none of the {len(src.skipped)} input file(s) is UTF-8 text; convert them to UTF-8 or pass text files")
+    if not src.texts and not src.examples:
+        raise DataError("the training data is empty; pass files that contain text (or no DATA for the standard-library corpus)")
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing into the cache
+
+
+@dataclass
+class TokenData:
+    """The whole corpus as token ids (memory-mapped) and, for prompt/completion data, the target mask."""
+
+    tokens: np.ndarray  # [N] uint16 or uint32
+    mask: np.ndarray | None  # [N] uint8: 1 where the token may be a target; None means all
+    meta: dict[str, Any]
+
+    def split(self, val_fraction: float) -> tuple["TokenData", "TokenData"]:
+        """(train, val): the last `val_fraction` of the stream is held out."""
+        n_val = max(1, int(round(len(self.tokens) * val_fraction)))
+        cut = len(self.tokens) - n_val
+        m = self.mask
+        return (
+            TokenData(self.tokens[:cut], None if m is None else m[:cut], self.meta),
+            TokenData(self.tokens[cut:], None if m is None else m[cut:], self.meta),
+        )
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def cache_key(data_fingerprint: str, tokenizer_json: str) -> str:
+    return hashlib.sha256(f"{data_fingerprint}|{tokenizer_json}".encode()).hexdigest()[:24]
+
+
+def _tokenize(src: Sources, tok: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    from gptedge.train.tokenizer import encode_many, eot_id
+
+    eot = eot_id(tok)
+    dtype = token_dtype(tok.get_vocab_size())
+    pieces, masks = [], []
+    for ids in encode_many(tok, src.texts):
+        pieces.append(np.asarray(ids + [eot], dtype=dtype))
+        masks.append(np.ones(len(ids) + 1, dtype=np.uint8))
+    if src.examples:
+        prompts = encode_many(tok, [p for p, _ in src.examples])
+        completions = encode_many(tok, [c for _, c in src.examples])
+        for p, c in zip(prompts, completions):
+            pieces.append(np.asarray(p + c + [eot], dtype=dtype))
+            masks.append(np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c) + 1, np.uint8)]))
+    tokens = np.concatenate(pieces)
+    return tokens, (np.concatenate(masks) if src.examples else None)
+
+
+def load_or_build_tokens(
+    cache_dir: Path,
+    key: str,
+    get_sources: Callable[[], Sources],
+    tok: Any,
+) -> TokenData:
+    """Memory-map the cached token ids for `key`, tokenizing `get_sources()` first if they are not cached.
+
+    A cache entry that cannot be read back (damaged, or replaced by something else: it is a
+    user-writable folder) is rebuilt; its files are never unpickled.
+    """
+    folder = Path(cache_dir) / "tokens" / key
+    if (folder / "meta.json").is_file():
+        try:
+            return _load_tokens(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warn(f"rebuilding the damaged token cache {folder} ({exc})")
+    src = get_sources()
+    tokens, mask = _tokenize(src, tok)
+    meta = {
+        "format": CACHE_FORMAT, "n_tokens": int(len(tokens)), "dtype": tokens.dtype.name,
+        "has_mask": mask is not None, "n_files": src.n_files, "n_skipped": len(src.skipped),
+        "n_bytes": src.n_bytes, "n_examples": len(src.examples),
+    }
+    with atomic_output_dir(folder, force=True) as tmp:
+        np.save(tmp / "tokens.npy", tokens)
+        if mask is not None:
+            np.save(tmp / "mask.npy", mask)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        return _load_tokens(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"cannot read the token cache {folder} ({exc}); delete that folder and run again") from exc
+
+
+def _load_tokens(folder: Path) -> TokenData:
+    meta = json.loads((folder / "meta.json").read_text())
+    tokens = np.load(folder / "tokens.npy", mmap_mode="r", allow_pickle=False)
+    mask = np.load(folder / "mask.npy", mmap_mode="r", allow_pickle=False) if meta["has_mask"] else None
+    return TokenData(tokens, mask, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def windows(data: TokenData, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs x [n, T] and targets y [n, T] (int64; -100 where the mask forbids a target) at `starts`."""
+    idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # [n, T+1]
+    seq = np.asarray(data.tokens[idx], dtype=np.int64)
+    x, y = seq[:, :-1], seq[:, 1:].copy()
+    if data.mask is not None:
+        y[np.asarray(data.mask[idx[:, 1:]]) == 0] = IGNORE_INDEX
+    return x, y
+
+
+def check_fits(train: TokenData, val: TokenData, block_size: int) -> None:
+    """Both splits need at least one full window of block_size + 1 tokens."""
+    if len(train.tokens) <= block_size or len(val.tokens) <= block_size:
+        raise DataError(
+            f"block size {block_size} is larger than the data allows: the train split has {len(train.tokens)} tokens and "
+            f"the validation split {len(val.tokens)}, each needs more than {block_size}; add more text, lower --block-size, "
+            "or use a smaller --preset"
+        )
+
+
+class BatchSampler:
+    """Draws random window starts from a seeded generator whose state is saved in checkpoints.
+
+    Every data-parallel rank draws the same *global* batch (same generator, same state) and
+    keeps its own rows, so the shards are disjoint and the union equals what one process
+    with the same global batch would use: the math is the same at any world size.
+    """
+
+    def __init__(self, data: TokenData, block_size: int, seed: int) -> None:
+        self.data = data
+        self.block_size = block_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def global_starts(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, len(self.data.tokens) - self.block_size, size=n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+
+def eval_starts(data: TokenData, block_size: int, n: int) -> np.ndarray:
+    """`n` evenly spaced window starts: the same windows at every evaluation, so the curve is comparable."""
+    last = len(data.tokens) - block_size - 1
+    return np.unique(np.linspace(0, last, num=n).round().astype(np.int64))
+
+
+def unigram_entropy(data: TokenData, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequencies of `data`'s targets: the loss of the best context-free model."""
+    tokens = np.asarray(data.tokens[1:])
+    if data.mask is not None:
+        tokens = tokens[np.asarray(data.mask[1:]) == 1]
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
