@@ -62,8 +62,28 @@ def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iter
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(folder: Path) -> None:
+    """Give the finished output the permissions a plain `mkdir`/`open` would have.
+
+    mkdtemp creates 0700 and some writers (onnx's external data) create 0600; a bundle installed
+    for every user of a laptop must be readable by all of them, as the umask allows.
+    """
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move `tmp` to `dest`; an existing `dest` is swapped out first and removed only afterwards."""
+    _publish_permissions(tmp)
     if not dest.exists():
         os.replace(tmp, dest)
         return

@@ -53,3 +53,7 @@ class Cancelled(GptEdgeError):
     """A generation was cancelled by its caller."""
 
     exit_code = 130
+
+
+class TrainingDiverged(GptEdgeError):
+    """The training loss stopped being a finite number; nothing from the diverged steps is saved."""

@@ -383,3 +383,12 @@ def test_tiny_preset_learns_well_below_the_unigram_baseline(train_corpus: Path, 
     meta = read_config(out)
     # A context-free model cannot beat the unigram entropy; the transformer must use the context to get below it.
     assert meta["val_loss"] < meta["unigram_entropy"] - 0.1, (meta["val_loss"], meta["unigram_entropy"])
+
+
+def test_a_diverging_run_stops_with_advice_and_saves_no_nan_weights(train_corpus: Path, train_cache: Path, tmp_path: Path) -> None:
+    from gptedge.errors import TrainingDiverged
+
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="lower --lr"):
+        train(tiny(out, train_corpus, train_cache, lr=1e6, warmup=0, grad_clip=0.0, eval_every=0, steps=20))
+    assert not out.exists()

@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gptedge import __version__  # noqa: E402
 from gptedge.atomic import atomic_write_bytes  # noqa: E402
-from gptedge.errors import CheckpointError, OutputExistsError, UsageError  # noqa: E402
+from gptedge.errors import TrainingDiverged, CheckpointError, OutputExistsError, UsageError  # noqa: E402
 from gptedge.train import checkpoint as ckpt  # noqa: E402
 from gptedge.train import data as D  # noqa: E402
 from gptedge.train import ddp  # noqa: E402
@@ -429,6 +429,12 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = float(ddp.all_reduce_sum(loss_sum / A, env)) / W
+        if not math.isfinite(step_loss):
+            bar.close()  # every rank sees the same reduced loss, so all stop together; no checkpoint of NaN weights
+            raise TrainingDiverged(
+                f"the training loss became {step_loss} at step {step + 1}; lower --lr (now {cfg.lr:g}) or raise --warmup, "
+                "then start again or --resume the last good checkpoint"
+            )
         step += 1
         tokens_seen += A * B * W * T
         session_tokens += A * B * W * T
