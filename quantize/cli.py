@@ -1,0 +1,53 @@
+"""`gptedge quantize BUNDLE OUT_DIR --method METHOD ...`: the command-line face of `quantize_bundle`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+METHOD_HELP = (
+    "auto: the fastest INT8 recipe for the bundle's target (printed with the reason); "
+    "int8-weight: weight-only INT8 blocks (MatMulNBits; CPU, CUDA, DirectML); "
+    "int8-dynamic: per-channel INT8 weights, activations quantized per call (CPU only); "
+    "int8-static: QDQ INT8 calibrated on --calibration text (CPU only); "
+    "int4-weight: weight-only INT4 blocks (CPU, CUDA, DirectML)"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("bundle", type=Path, help="float bundle folder written by `gptedge export`")
+    parser.add_argument("out_dir", type=Path, help="folder to write the quantized bundle to (written atomically)")
+    parser.add_argument("--method", default="auto", metavar="METHOD", help=METHOD_HELP)
+    parser.add_argument("--calibration", nargs="+", metavar="TEXT_OR_FILES",
+                        help="text, files, folders or globs: int8-static calibrates on it; without --eval-text the quality "
+                             "gate measures on it (on its last quarter for int8-static)")
+    parser.add_argument("--eval-text", nargs="+", metavar="TEXT_OR_FILES",
+                        help="held-out text (files, folders, globs or literal text) for the quality gate; use text the "
+                             "model was not trained on")
+    parser.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PCT",
+                        help="fail, writing nothing, when held-out perplexity rises more than PCT percent")
+    parser.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize the (tied) LM head too, or keep it float; default: build and measure both, keep the "
+                             "quantized head when it passes the gate")
+    parser.add_argument("--float-embeddings", action="store_true",
+                        help="keep the token and position embedding tables float (larger file, embeddings exactly as trained); "
+                             "by default the token embedding reads the quantized LM head's blocks and positions are INT8 blocks")
+    parser.add_argument("--block-size", type=int, default=None, metavar="N",
+                        help="weights per scale for blockwise (MatMulNBits) weights, a power of two >= 16 "
+                             "(default: 128 for INT8, 32 for INT4; halved until it divides the model width)")
+    parser.add_argument("--max-eval-tokens", type=int, default=4096, metavar="N",
+                        help="held-out tokens scored per model by the quality gate")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    from gptedge.quantize.quantizer import quantize_bundle
+
+    quantize_bundle(
+        args.bundle, args.out_dir, args.method, calibration=args.calibration, eval_text=args.eval_text,
+        max_ppl_increase=args.max_ppl_increase, quantize_lm_head=args.quantize_lm_head,
+        float_embeddings=args.float_embeddings, block_size=args.block_size, max_eval_tokens=args.max_eval_tokens,
+        force=args.force, progress=args.progress, log=lambda line: print(line, flush=True),
+    )
+    return 0
