@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gptedge.errors import BundleError
+from gptedge.errors import BundleError, UsageError
 
 FORMAT_VERSION = 1
 SPEC_NAME = "gptedge.json"
@@ -137,6 +137,70 @@ class BundleSpec:
             raise BundleError(f"{SPEC_NAME}: target {self.target!r} is not one of {TARGETS}")
         if self.kv_cache.update not in KV_UPDATES:
             raise BundleError(f"{SPEC_NAME}: kv_cache.update {self.kv_cache.update!r} is not one of {KV_UPDATES}")
+        if self.kv_cache.dtype not in DTYPES:
+            raise BundleError(f"{SPEC_NAME}: kv_cache.dtype {self.kv_cache.dtype!r} is not one of {DTYPES}; the bundle is corrupt, re-export it")
+        self._validate_fields()
+
+    def _validate_fields(self) -> None:
+        """Types of the free-form fields, so a hand-edited gptedge.json fails here and not mid-generation."""
+        required = ("input_ids", "logits", "past_key", "past_value", "present_key", "present_value")
+        for f in fields(IOSpec):
+            name = getattr(self.io, f.name)
+            ok = isinstance(name, str) and bool(name) or (name in (None, "") and f.name not in required)
+            if ok and isinstance(name, str) and "{" in name:
+                ok = f.name.startswith(("past_", "present_")) and name.replace("{layer}", "").count("{") == 0
+            if not ok:
+                raise BundleError(f"{SPEC_NAME}: io.{f.name}={name!r} is not a graph name (templates may only use {{layer}}); re-export the bundle")
+        for name in ("special_tokens", "generation_defaults", "verification", "provenance", "files"):
+            if not isinstance(getattr(self, name), dict):
+                raise BundleError(f"{SPEC_NAME}: {name} must be a JSON object; the bundle is corrupt, re-export it")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise BundleError(f"{SPEC_NAME}: quantization must be a JSON object or null; the bundle is corrupt, re-export it")
+        vocab = self.architecture.vocab_size
+        for key, value in self.special_tokens.items():
+            if key.endswith("_id") and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab):
+                raise BundleError(f"{SPEC_NAME}: special_tokens.{key}={value!r} is not a token id in [0, {vocab}); re-export the bundle")
+        from gptedge.runtime.sampling import SamplingParams  # numpy only; imported here to keep this module light
+
+        known = {f.name for f in fields(SamplingParams)}
+        try:
+            SamplingParams(**{k: v for k, v in self.generation_defaults.items() if k in known and v is not None})
+        except UsageError as exc:
+            raise BundleError(f"{SPEC_NAME}: generation_defaults are invalid ({exc}); fix or remove them, or re-export the bundle") from exc
+
+
+def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list], tensors: dict[str, list[int]]) -> None:
+    """Refuse a gptedge.json whose sizes or names disagree with the graph it describes.
+
+    gptedge.json holds the checksums, so nothing checks it but this: without it, a hand-edited
+    n_layer or head size makes the engine allocate KV buffers for the wrong model (terabytes for
+    absurd values) and onnxruntime fail mid-generation. `inputs`/`outputs` map graph names to their
+    declared shapes (ints, or strings for symbolic axes); `tensors` maps initializer names to dims.
+    """
+    a, io = spec.architecture, spec.io
+    problems = []
+    layers = 0
+    while layers < len(inputs) and io.past_key.format(layer=layers) in inputs:
+        layers += 1
+    if layers != a.n_layer:
+        problems.append(f"n_layer={a.n_layer} but the graph has {layers} layers of {io.past_key!r} inputs")
+    for name in (io.input_ids, io.position_ids, io.seqlens_k, io.total_sequence_length, io.attention_mask, io.logits_index):
+        if name and name not in inputs:
+            problems.append(f"no graph input {name!r}")
+    if layers:
+        kv = inputs.get(io.past_key.format(layer=0), [])
+        if len(kv) == 4 and (kv[1], kv[3]) != (a.n_kv_head, a.head_dim) and all(isinstance(d, int) for d in (kv[1], kv[3])):
+            problems.append(f"n_kv_head={a.n_kv_head}, head_dim={a.head_dim} but the KV inputs are {kv}")
+    logits = outputs.get(io.logits)
+    if logits is None:
+        problems.append(f"no graph output {io.logits!r}")
+    elif logits and isinstance(logits[-1], int) and logits[-1] != a.vocab_size:
+        problems.append(f"vocab_size={a.vocab_size} but the logits have {logits[-1]} entries")
+    positions = tensors.get("transformer.wpe.weight")
+    if positions and a.context_length > positions[0]:
+        problems.append(f"context_length={a.context_length} but the position table has {positions[0]} rows")
+    if problems:
+        raise BundleError(f"{SPEC_NAME} does not match model.onnx ({'; '.join(problems)}); the bundle is corrupt or mixed up, re-export it")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

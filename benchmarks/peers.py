@@ -1,0 +1,325 @@
+"""gptedge against its peers, same weights, one run: `python benchmarks/peers.py [--model gpt2-124m|demo]`.
+
+Prepares every artefact once (under benchmarks/.cache/), then measures each row in a
+fresh process, rows one after another and round-robin over `--runs` passes, and
+reports medians as a markdown table, JSON, and a PNG of decode tokens/s against
+position. Rows whose peer is not installed (optimum-onnx, onnxruntime-genai,
+llama-cpp-python) are listed as skipped, never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import HERE, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, files_mb, make_random_gpt2
+
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+
+
+@dataclass
+class Row:
+    name: str
+    system: str
+    artifact: Path
+    files: list[Path]
+    extra: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _log(msg: str) -> None:
+    print(f"[peers] {msg}", file=sys.stderr, flush=True)
+
+
+# -- artefacts ------------------------------------------------------------------------------------
+
+def prepare_gptedge(hf_dir: Path, root: Path, methods: list[str], eval_text: str | None) -> dict[str, Path]:
+    from gptedge.demo import heldout_text
+    from gptedge.export.exporter import export_bundle
+    from gptedge.quantize.quantizer import quantize_bundle
+
+    bundles = {"fp32": root / "gptedge-fp32"}
+    if not bundles["fp32"].exists():
+        _log("exporting the gptedge fp32 bundle")
+        export_bundle(hf_dir, bundles["fp32"], target="cpu", dtype="fp32")
+    for method in methods:
+        out = root / f"gptedge-{method}"
+        if not out.exists():
+            _log(f"quantizing: {method}")
+            # Random weights have no meaningful perplexity: the gate still runs on standard-library text and is
+            # reported, with a threshold that cannot trip, so speed rows exist for every recipe.
+            quantize_bundle(bundles["fp32"], out, method=method, eval_text=eval_text or heldout_text(60_000),
+                            max_ppl_increase=2.0 if eval_text else 1e9)
+        bundles[method] = out
+    return bundles
+
+
+def prepare_optimum(hf_dir: Path, root: Path) -> dict[str, Path]:
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    fp32, int8 = root / "optimum-fp32", root / "optimum-int8"
+    if not (fp32 / "model.onnx").exists():
+        _log("exporting with optimum")
+        main_export(str(hf_dir), output=str(fp32), task="text-generation-with-past", device="cpu", do_validation=False)
+    if not (int8 / "model_quantized.onnx").exists():
+        _log("quantizing with optimum (avx2 dynamic int8, as its users do)")
+        ORTQuantizer.from_pretrained(fp32, file_name="model.onnx").quantize(
+            save_dir=int8, quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=False))
+    return {"fp32": fp32, "int8": int8}
+
+
+def prepare_genai(optimum_dirs: dict[str, Path], hf_dir: Path, root: Path) -> dict[str, Path]:
+    """onnxruntime-genai has no GPT-2 builder: a hand-written genai_config over Optimum's files (type llama)."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    out = {}
+    for kind, src in optimum_dirs.items():
+        folder = root / f"genai-{kind}"
+        folder.mkdir(parents=True, exist_ok=True)
+        model_file = "model.onnx" if kind == "fp32" else "model_quantized.onnx"
+        for f in src.iterdir():
+            link = folder / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+        n_layer = cfg["n_layer"]
+        genai = {"model": {
+            "type": "llama", "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+            "pad_token_id": cfg["eos_token_id"], "vocab_size": cfg["vocab_size"], "context_length": cfg["n_positions"],
+            "decoder": {
+                "filename": model_file, "head_size": cfg["n_embd"] // cfg["n_head"], "hidden_size": cfg["n_embd"],
+                "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_head"], "num_hidden_layers": n_layer,
+                "session_options": {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1, "provider_options": []},
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            }},
+            "search": {"do_sample": False, "max_length": cfg["n_positions"], "min_length": 0, "num_beams": 1,
+                       "num_return_sequences": 1, "past_present_share_buffer": False, "top_k": 1, "top_p": 1.0,
+                       "temperature": 1.0, "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                       "no_repeat_ngram_size": 0}}
+        (folder / "genai_config.json").write_text(json.dumps(genai, indent=2))
+        out[kind] = folder
+    return out
+
+
+def prepare_gguf(hf_dir: Path, root: Path) -> dict[str, Path]:
+    """GGUF Q8_0 and Q4_0 through llama.cpp's own converter (vendored in the llama-cpp-python sdist)."""
+    import glob
+
+    import llama_cpp
+
+    converters = sorted(glob.glob(str(CACHE / "llama.cpp" / "convert_hf_to_gguf.py")))
+    if not converters:
+        raise RuntimeError(f"no converter: extract vendor/llama.cpp/{{convert_hf_to_gguf.py,gguf-py,conversion}} "
+                           f"from the llama-cpp-python sdist into {CACHE / 'llama.cpp'}")
+    out = {}
+    f32 = root / "model-f32.gguf"
+    for outtype in ("f32", "q8_0"):
+        target = root / f"model-{outtype}.gguf"
+        if not target.exists():
+            _log(f"converting to GGUF {outtype}")
+            folder = Path(converters[0]).parent
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(folder / "gguf-py")]), "NO_LOCAL_GGUF": "1"}
+            subprocess.run([sys.executable, str(HERE / "gguf_convert.py"), converters[0], str(hf_dir), outtype, str(target)],
+                           check=True, env=env)
+        out[outtype] = target
+    q4 = root / "model-q4_0.gguf"
+    if not q4.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.nthread = THREADS
+        llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(), params)
+    out["q4_0"] = q4
+    return out
+
+
+def build_rows(args) -> tuple[list[Row], list[str], str | None]:
+    root = CACHE / args.model
+    skipped: list[str] = []
+    eval_text = None
+    if args.model == "gpt2-124m":
+        hf_dir = make_random_gpt2(root / "hf")
+    else:
+        from common import gptedge_checkpoint_to_hf
+
+        hf_dir = gptedge_checkpoint_to_hf(Path(args.checkpoint), root / "hf")
+        eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
+    rows: list[Row] = []
+    bundles = prepare_gptedge(hf_dir, root, args.methods, eval_text)
+    for kind, path in bundles.items():
+        rows.append(Row(f"gptedge-{kind}", "gptedge", path, sorted(path.glob("model.onnx*"))))
+    rows.append(Row("pytorch-fp32", "pytorch", hf_dir, sorted(hf_dir.glob("*.safetensors"))))
+    if _have("optimum.onnxruntime"):
+        opt = prepare_optimum(hf_dir, root)
+        rows.append(Row("naive-ort-fp32", "naive-ort", opt["fp32"] / "model.onnx", sorted(opt["fp32"].glob("model.onnx*"))))
+        rows.append(Row("optimum-fp32", "optimum", opt["fp32"], sorted(opt["fp32"].glob("model.onnx*"))))
+        rows.append(Row("optimum-int8", "optimum", opt["int8"], sorted(opt["int8"].glob("model_quantized.onnx*")),
+                        extra=["--file-name", "model_quantized.onnx"]))
+        if _have("onnxruntime_genai"):
+            for kind, path in prepare_genai(opt, hf_dir, root).items():
+                rows.append(Row(f"genai-on-optimum-{kind}", "genai", path, [], note="hand-written genai_config, type llama"))
+        else:
+            skipped.append("onnxruntime-genai (not installed)")
+    else:
+        skipped.append("optimum rows (optimum-onnx not installed)")
+    if _have("llama_cpp"):
+        try:
+            for kind, path in prepare_gguf(hf_dir, root).items():
+                rows.append(Row(f"llamacpp-{kind}", "llamacpp", path, [path]))
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            skipped.append(f"llama.cpp rows ({exc})")
+    else:
+        skipped.append("llama.cpp rows (llama-cpp-python not installed)")
+    if args.rows:
+        rows = [r for r in rows if any(r.name.startswith(p) for p in args.rows)]
+    return rows, skipped, eval_text
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def run_row(row: Row, long_position: int) -> dict:
+    cmd = [sys.executable, str(HERE / "row.py"), row.system, str(row.artifact), "--long-position", str(long_position), *row.extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] }")
+    return json.loads(lines[-1][4:])
+
+
+def summarize(name: str, runs: list[dict], row: Row, reference: list[int] | None) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    tps = [r["decode_tps"] for r in runs]
+    tokens = runs[-1]["tokens"]
+    if reference is None:
+        agree = "reference"
+    else:
+        same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+        agree = f"{same}/{len(reference)}" if same == len(reference) else f"first {same}"
+    artifact_mb = files_mb(row.files) if row.files else files_mb(p for p in row.artifact.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+    return {
+        "row": name, "load_s": med("load_s"), "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
+        "decode_tps": med("decode_tps"), "decode_tps_min": min(tps), "decode_tps_max": max(tps),
+        "late_position": runs[-1]["late_position"], "late_decode_tps": med("late_decode_tps"),
+        "peak_rss_mb": med("peak_rss_mb"), "rss_after_import_mb": med("rss_after_import_mb"), "model_mb": artifact_mb,
+        "tokens_vs_pytorch": agree, "n": len(runs), "note": row.note, "curve": runs[-1]["curve"],
+    }
+
+
+def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
+    head = ("| row | load s | TTFT ms | cold TTFT ms | decode tok/s (min-max) | decode tok/s @ ~{late} | peak RSS MB | "
+            "model MB | ppl | tokens vs PyTorch | n |").format(late=results[0]["late_position"] if results else LONG_POSITION)
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+        ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "-"
+        lines.append(
+            f"| {r['row']} | {r['load_s']:.2f} | {r['ttft_ms']:.0f} | {r['cold_ttft_ms']:.0f} | **{r['decode_tps']:.1f}** "
+            f"({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {r['late_decode_tps']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['model_mb']:.0f} | {ppl} | {r['tokens_vs_pytorch']} | {r['n']} |")
+    lines.append("")
+    lines.append(f"Model: {meta['model']}; batch 1, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new greedy tokens, "
+                 f"{THREADS} threads, medians of {meta['runs']} fresh-process runs; machine: {meta['machine']}.")
+    if skipped:
+        lines.append("Skipped: " + "; ".join(skipped) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib not installed: no PNG (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for r in results:
+        c = r["curve"]
+        xs = c["positions"] + c["late_positions"]
+        ys = c["tps"] + c["late_tps"]
+        window = 8  # per-token times are noisy; a short moving median shows the trend
+        smooth = [statistics.median(ys[max(0, i - window):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, ".", markersize=3, label=r["row"])
+    ax.set_xlabel("position (tokens in context)")
+    ax.set_ylabel("decode tokens/s (moving median of 8)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def add_perplexity(results: list[dict], rows: list[Row], eval_text: str | None) -> None:
+    """Perplexity of the gptedge rows on held-out text (meaningful for the trained model only)."""
+    if not eval_text:
+        return
+    from gptedge.runtime import Model
+
+    for r, row in zip(results, rows):
+        if row.system == "gptedge":
+            r["ppl"] = Model.load(row.artifact, provider="cpu", threads=THREADS).perplexity(eval_text).ppl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["gpt2-124m", "demo"], default="gpt2-124m",
+                        help="gpt2-124m: random-init GPT-2 small shape; demo: a trained gptedge checkpoint (--checkpoint)")
+    parser.add_argument("--checkpoint", help="gptedge checkpoint folder for --model demo")
+    parser.add_argument("--eval-text", help="held-out text file for perplexity (demo model)")
+    parser.add_argument("--methods", nargs="*", default=["int8-weight", "int8-dynamic", "int4-weight"],
+                        help="gptedge quantization recipes to include")
+    parser.add_argument("--rows", nargs="*", help="only rows whose name starts with one of these")
+    parser.add_argument("--runs", type=int, default=3, help="fresh-process runs per row (medians reported)")
+    parser.add_argument("--long-position", type=int, default=LONG_POSITION, help="position of the late decode measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .json and .png results")
+    args = parser.parse_args()
+    if args.model == "demo" and not args.checkpoint:
+        parser.error("--model demo needs --checkpoint")
+    rows, skipped, eval_text = build_rows(args)
+    raw: dict[str, list[dict]] = {r.name: [] for r in rows}
+    failed: dict[str, str] = {}
+    for run in range(args.runs):
+        for row in rows:
+            if row.name in failed:
+                continue
+            _log(f"run {run + 1}/{args.runs}: {row.name}")
+            try:
+                raw[row.name].append(run_row(row, args.long_position))
+            except RuntimeError as exc:
+                failed[row.name] = str(exc)
+                _log(str(exc))
+    kept = [r for r in rows if raw[r.name] and r.name not in failed]
+    reference = raw["pytorch-fp32"][-1]["tokens"] if raw.get("pytorch-fp32") else None
+    results = [summarize(r.name, raw[r.name], r, None if r.name == "pytorch-fp32" else reference) for r in kept]
+    add_perplexity(results, kept, eval_text)
+    skipped += [f"{name} (failed: {why})" for name, why in failed.items()]
+    meta = {"model": args.model, "runs": args.runs, "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"peers-{args.model}"
+    table = markdown(results, skipped, meta)
+    Path(f"{stem}.md").write_text(table)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results, "skipped": skipped}, indent=1))
+    plot(results, Path(f"{stem}.png"), f"decode speed vs position ({args.model}, {THREADS} threads)")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

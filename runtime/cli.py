@@ -1,0 +1,406 @@
+"""`gptedge generate | chat | next | eval | info | bench`: the runtime's commands.
+
+Top-level imports stay light (argparse, json, pathlib): numpy/onnxruntime are imported inside `run`,
+so `gptedge generate --help` is instant. Every failure is a gptedge error the dispatcher prints as
+one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptedge.errors import GptEdgeError, UsageError
+
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "max_new_tokens", "seed")
+
+
+# -- arguments -----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle folder written by `gptedge export` / `gptedge quantize` (or an Optimum decoder folder)")
+    if command in ("generate", "next"):
+        parser.add_argument("prompt", help="prompt text; '-' reads it from standard input")
+    if command == "eval":
+        parser.add_argument("file", type=Path, help="UTF-8 text file to measure perplexity on")
+        parser.add_argument("--window", type=int, default=None, help="tokens of context per window (default: the model's context)")
+        parser.add_argument("--stride", type=int, default=None, help="how far the sliding window advances (default: window/2)")
+    if command == "next":
+        parser.add_argument("--top", type=int, default=10, help="how many candidate tokens to list")
+    if command in ("generate", "chat"):
+        _add_sampling(parser)
+    if command == "generate":
+        parser.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr afterwards")
+        parser.add_argument("--truncate-left", action="store_true",
+                            help="when prompt + max-new-tokens exceed the context, keep the most recent prompt tokens instead of failing")
+    if command == "chat":
+        parser.add_argument("--system", default="", help="text placed before the conversation (kept when history is truncated)")
+        parser.add_argument("--user-prefix", default="User: ", help="what starts a user turn in the transcript the model sees")
+        parser.add_argument("--assistant-prefix", default="Assistant: ", help="what starts a model turn in the transcript")
+    if command == "info":
+        parser.add_argument("--json", action="store_true", help="print gptedge.json (with file sizes) as JSON instead of a summary")
+        parser.add_argument("--no-verify", action="store_true", help="skip re-computing the files' sha256 checksums")
+    if command == "bench":
+        parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length N for the time-to-first-token measurement")
+        parser.add_argument("--new-tokens", type=int, default=128, help="tokens M decoded per decode measurement")
+        parser.add_argument("--late-position", type=int, default=None,
+                            help="position where the late decode measurement starts (default: min(900, context - new-tokens))")
+        parser.add_argument("--runs", type=int, default=3, help="repetitions per measurement; the median is reported")
+        parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to this JSON file")
+    if command != "info":
+        parser.add_argument("--provider", default="auto", help="execution provider: auto, cpu, cuda or dml (unavailable ones fall back to CPU with a warning)")
+        parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: physical cores)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (defaults: the bundle's generation defaults, else the library's)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; < 1 sharper, > 1 more random (library default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this total probability, in (0, 1]")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top token's probability, in [0, 1)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 makes tokens already seen less likely (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every seen token's logit (0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a seen token (0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (library default 128)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the output contains TEXT (repeatable; not printed)")
+    g.add_argument("--seed", type=int, default=None, help="random seed; the same seed repeats the same output")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
+    if args.stop is not None:
+        kwargs["stop_strings"] = tuple(_unescape(s) for s in args.stop)
+    return kwargs
+
+
+def _unescape(text: str) -> str:
+    r"""Let `--stop '\n\n'` mean two newlines, as users type it in a shell."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+# -- dispatch -------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, command: str) -> int:
+    import warnings
+
+    _utf8_stdout()
+    with warnings.catch_warnings():  # provider fallbacks etc. as one "warning: ..." line, not a source location
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+        return {"generate": _generate, "chat": _chat, "next": _next, "eval": _eval, "info": _info, "bench": _bench}[command](args)
+
+
+def _utf8_stdout() -> None:
+    """A console that cannot show a character gets '?' instead of a crash mid-answer."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def _load(args: argparse.Namespace):
+    from gptedge.runtime.model import Model
+
+    return Model.load(args.bundle, provider=args.provider, threads=args.threads)
+
+
+def _prompt(text: str) -> str:
+    if text == "-":
+        text = sys.stdin.read()
+    if not text:
+        raise UsageError("the prompt is empty; pass some text (or '-' to read it from standard input)")
+    return text
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    model = _load(args)
+    stream = model.stream(prompt, truncate="left" if args.truncate_left else None, **_sampling_kwargs(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = stream.result
+    if args.stats:
+        t = result.timings
+        print(f"prompt tokens {t.prompt_tokens} | generated {t.generated_tokens} | finish {result.finish_reason} | "
+              f"time to first token {t.ttft_s * 1000:.1f} ms | decode {t.decode_tokens_per_s:.1f} tokens/s | "
+              f"provider {model.provider} | load {model.load_seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    kwargs = _sampling_kwargs(args)
+    # The answer's first token usually carries its leading space (" Hello"), so the prefix ends without one.
+    user, assistant = _unescape(args.user_prefix), _unescape(args.assistant_prefix).rstrip(" ")
+    kwargs["stop_strings"] = tuple(kwargs.get("stop_strings", ())) + ("\n" + user.strip(),)
+    params = model.sampling_params(**kwargs)
+    turns: list[str] = []
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits",
+          file=sys.stderr)
+    while True:
+        try:
+            message = input(user if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not message.strip():
+            continue
+        if not interactive:
+            print(f"{user}{message}")
+        turns.append(f"{user}{message}\n")
+        prompt = fit_history(model, _unescape(args.system), turns, assistant, params.max_new_tokens)
+        sys.stdout.write(assistant)
+        sys.stdout.flush()
+        answer = []
+        stream = model.stream(prompt, params)
+        try:
+            for piece in stream:
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        turns.append(f"{assistant}{''.join(answer).rstrip()}\n")
+
+
+def fit_history(model, system: str, turns: list[str], assistant: str, max_new_tokens: int) -> list[int]:
+    """Token ids of system + the most recent turns that fit the context with room for the answer.
+
+    Whole turns are dropped oldest first; if even the latest turn is too long, its oldest tokens go.
+    """
+    budget = model.context_length - max_new_tokens
+    if budget < 1:
+        raise UsageError(f"--max-new-tokens must be below the context ({model.context_length}) to leave room for the conversation")
+    head = model.encode(system + ("\n" if system and not system.endswith("\n") else "")) if system else []
+    tail = model.encode(assistant)
+    kept: list[int] = []
+    for turn in reversed(turns):
+        ids = model.encode(turn)
+        if len(head) + len(kept) + len(ids) + len(tail) > budget:
+            break
+        kept = ids + kept
+    if not kept:  # the latest turn alone is too long: keep its end
+        room = max(1, budget - len(head) - len(tail))
+        kept = model.encode(turns[-1])[-room:]
+    ids = (head + kept + tail)[-budget:]
+    return ids
+
+
+def _next(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    model = _load(args)
+    rows = model.next_tokens(prompt, args.top)
+    shown = [token_repr(model.tokenizer, token_id, text) for text, token_id, _ in rows]
+    width = max(len("token"), *(len(s) for s in shown))
+    print(f"{'rank':>4}  {'token'.ljust(width)}  {'id':>7}  probability")
+    for rank, ((_, token_id, prob), label) in enumerate(zip(rows, shown), 1):
+        print(f"{rank:>4}  {label.ljust(width)}  {token_id:>7}  {prob:.4f}")
+    return 0
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_repr(tokenizer, token_id: int, text: str) -> str:
+    """repr() of the token's text, or of its raw bytes when it is only part of a UTF-8 character."""
+    if "\ufffd" not in text:
+        return repr(text)
+    piece = tokenizer.id_to_token(token_id) or ""
+    table = _byte_decoder()
+    if piece and all(c in table for c in piece):
+        return repr(bytes(table[c] for c in piece))
+    return repr(text)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gptedge.runtime.evaluate import perplexity
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{args.file} does not exist; pass a UTF-8 text file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {args.file} as UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise UsageError(f"{args.file} is empty; perplexity needs some text")
+    model = _load(args)
+    ids = model.encode(text)
+    result = perplexity(model.engine, ids, window=args.window, stride=args.stride)
+    print(f"perplexity {result.ppl:.4f} | nll {result.nll:.4f} nats/token | {result.tokens} tokens scored | {args.file}")
+    return 0
+
+
+# -- info -----------------------------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    from gptedge.runtime.bundle import read_spec
+    from gptedge.runtime.optimum import is_optimum_folder
+
+    folder = args.bundle
+    if is_optimum_folder(folder):
+        return _info_optimum(folder, args.json)
+    spec = read_spec(folder, verify_checksums=not args.no_verify)
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(spec), "file_sizes": sizes}, indent=2, ensure_ascii=False))
+        return 0
+    for line in describe(spec, sizes, verified=not args.no_verify):
+        print(line)
+    return 0
+
+
+def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
+    """Human summary of a bundle's gptedge.json."""
+    a = spec.architecture
+    lines = [
+        f"architecture  {a.family}: {a.n_layer} layers, {a.n_head} heads ({a.n_kv_head} kv) x {a.head_dim}, "
+        f"n_embd {a.n_embd}, vocab {a.vocab_size}, context {a.context_length}",
+        f"dtype         {spec.dtype} (target {spec.target})",
+        f"kv cache      {spec.kv_cache.update}, {spec.kv_cache.layout}, {spec.kv_cache.dtype}",
+        f"special       {', '.join(f'{k}={v!r}' for k, v in spec.special_tokens.items()) or 'none'}",
+        f"defaults      {', '.join(f'{k}={v!r}' for k, v in spec.generation_defaults.items()) or 'none'}",
+        f"format        version {spec.format_version}; checksums {'verified' if verified else 'not checked'}",
+    ]
+    for title, data in (("quantization", spec.quantization), ("verification", spec.verification), ("provenance", spec.provenance)):
+        lines.append(f"{title:<13} {'' if data else 'none'}".rstrip())
+        lines += [f"  {key:<28} {value}" for key, value in _flat(data or {})]
+    lines.append("files")
+    lines += [f"  {name:<28} {_size(n):>10}" for name, n in sizes.items()]
+    lines.append(f"  {'total':<28} {_size(sum(sizes.values())):>10}")
+    return lines
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """{'a': {'b': 1.23456}, 'ops': {'Add': 3}} -> [('a.b', '1.235'), ('ops', 'Add 3')]: one row per leaf."""
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()) and key.endswith("op_types"):
+            rows.append((name, ", ".join(f"{k} {v}" for k, v in sorted(value.items(), key=lambda kv: -kv[1]))))
+        elif isinstance(value, dict):
+            rows += _flat(value, name)
+        else:
+            rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    return rows
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _info_optimum(folder: Path, as_json: bool) -> int:
+    from gptedge.runtime.optimum import _config, architecture
+
+    config = _config(folder)
+    arch = architecture(config)
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    if as_json:
+        print(json.dumps({"kind": "optimum", "config": config, "file_sizes": sizes}, indent=2))
+        return 0
+    print(f"Hugging Face Optimum decoder export ({arch.family}): {arch.n_layer} layers, {arch.n_head} heads x {arch.head_dim}, "
+          f"n_embd {arch.n_embd}, vocab {arch.vocab_size}, context {arch.context_length}; kv cache concat (a copy per step)")
+    for name, n in sizes.items():
+        print(f"  {name:<24} {_size(n):>10}")
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------------------------
+def _bench(args: argparse.Namespace) -> int:
+    for name in ("prompt_tokens", "new_tokens", "runs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    results = run_bench(args.bundle, args.provider, args.threads, args.prompt_tokens, args.new_tokens, args.late_position, args.runs)
+    print(format_bench(results))
+    if args.json is not None:
+        from gptedge.atomic import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise GptEdgeError(f"cannot write {args.json}: {exc.strerror or exc}; choose a writable path") from exc
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def run_bench(bundle: Path, provider: str, threads: int | None, prompt_tokens: int, new_tokens: int,
+              late_position: int | None, runs: int) -> dict[str, Any]:
+    """Load twice (cold, then with the optimized-graph cache), then time greedy generation of random token prompts.
+
+    Decode tokens/s counts the tokens after the first over the time they took, sampling included
+    (what a user sees); stop tokens are disabled so every run decodes exactly `new_tokens`.
+    """
+    import statistics
+    import time
+
+    import numpy as np
+
+    from gptedge.runtime.model import Model
+
+    start = time.perf_counter()
+    first = Model.load(bundle, provider=provider, threads=threads)
+    load_s = time.perf_counter() - start
+    cache_first = first.session_info.cache
+    del first
+    start = time.perf_counter()
+    model = Model.load(bundle, provider=provider, threads=threads)
+    reload_s = time.perf_counter() - start
+    context = model.context_length
+    if prompt_tokens + new_tokens > context:
+        raise UsageError(f"--prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed the context ({context})")
+    late = min(900, context - new_tokens) if late_position is None else late_position
+    if late + new_tokens > context or late < 1:
+        raise UsageError(f"--late-position {late} + --new-tokens {new_tokens} must fit in the context ({context})")
+    ids = np.random.default_rng(0).integers(0, model.spec.architecture.vocab_size, size=context).tolist()
+    greedy = dict(temperature=0.0, stop_token_ids=(), max_new_tokens=new_tokens)
+    model.generate(ids[:8], **{**greedy, "max_new_tokens": 4})  # warm-up: first-run allocations
+    short = [model.generate(ids[:prompt_tokens], **greedy).timings for _ in range(runs)]
+    result: dict[str, Any] = {
+        "bundle": str(bundle), "provider": model.provider, "threads": threads or "physical cores",
+        "load_s": load_s, "graph_cache": cache_first, "reload_s": reload_s, "reload_graph_cache": model.session_info.cache,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,
+        "ttft_ms": statistics.median(t.ttft_s for t in short) * 1000,
+        "prefill_tokens_per_s": statistics.median(t.prefill_tokens_per_s for t in short),
+        "decode_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in short),
+        "late_position": None,
+    }
+    if late > prompt_tokens:
+        long = [model.generate(ids[:late], **greedy).timings for _ in range(runs)]
+        result["late_position"] = late
+        result["late_decode_tokens_per_s"] = statistics.median(t.decode_tokens_per_s for t in long)
+    return result
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    rows = [
+        ("bundle", r["bundle"]), ("provider", r["provider"]), ("threads", r["threads"]),
+        ("load (first in this process)", f"{r['load_s']:.3f} s (graph cache {r['graph_cache']})"),
+        ("load (again)", f"{r['reload_s']:.3f} s (graph cache {r['reload_graph_cache']})"),
+        (f"time to first token, {r['prompt_tokens']}-token prompt", f"{r['ttft_ms']:.1f} ms"),
+        ("prefill", f"{r['prefill_tokens_per_s']:.0f} tokens/s"),
+        (f"decode at position {r['prompt_tokens']}, {r['new_tokens']} tokens", f"{r['decode_tokens_per_s']:.1f} tokens/s"),
+    ]
+    if r.get("late_position") is not None:
+        rows.append((f"decode at position {r['late_position']}, {r['new_tokens']} tokens", f"{r['late_decode_tokens_per_s']:.1f} tokens/s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+                     + [f"| {k.ljust(width)} | {v} |" for k, v in rows])

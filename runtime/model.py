@@ -1,0 +1,386 @@
+"""`Model`: the embeddable API. Load a bundle once, then generate, stream, batch, score.
+
+    from gptedge.runtime import Model
+    model = Model.load("bundle/")                      # provider="auto": CUDA, then DirectML, then CPU
+    print(model.generate("def add(a, b):", temperature=0, max_new_tokens=32).text)
+    for piece in model.stream("Once upon", temperature=0.8, seed=1):
+        print(piece, end="", flush=True)
+
+One loaded model serves concurrent generations from many threads: each call gets its own KV cache
+(from a pool of buffers sized to the request), and the session is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from gptedge.atomic import atomic_write_bytes
+from gptedge.errors import BundleError, ContextLengthError, UsageError
+from gptedge.runtime import optimum
+from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph, read_spec
+from gptedge.runtime.engine import Engine
+from gptedge.runtime.generator import GenerationResult, check_prompt_ids, generate_rows, stream_tokens
+from gptedge.runtime.onnx_scan import scan_model
+from gptedge.runtime.providers import PROVIDERS, ProviderChoice, SessionInfo, cache_key, cache_root, choose_provider, create_session
+from gptedge.runtime.sampling import SamplingParams, softmax
+
+log = logging.getLogger("gptedge.runtime")
+
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+TRUNCATE_MODES = (None, "left")
+
+
+class Stream:
+    """Iterator over the text pieces of one generation; `result` holds the GenerationResult once it ends.
+
+    Closing it (`close()`, leaving a `with` block, or dropping it) cancels the generation and frees
+    its KV buffers.
+    """
+
+    def __init__(self, pieces: Iterator[str], out: list) -> None:
+        self._pieces = pieces
+        self._out = out
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._out[0] if self._out else None
+
+
+class Model:
+    """A loaded bundle (or Optimum decoder folder) and everything needed to run it."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, spec: BundleSpec, folder: Path, info: SessionInfo, load_s: float) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.folder = folder
+        self.session_info = info
+        self.load_seconds = load_s
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        verify: bool = True,
+        cache: bool = True,
+    ) -> "Model":
+        """Load a bundle folder written by `gptedge export` / `gptedge quantize`, or a Hugging Face Optimum decoder folder.
+
+        provider: "auto" (CUDA, then DirectML, then CPU, among those onnxruntime offers and that can run
+          the bundle), "cpu", "cuda" or "dml". An unavailable provider, or one that cannot run the bundle,
+          falls back to CPU with a RuntimeWarning saying why. Notably an fp32 bundle (target cpu) asked to
+          run on CUDA runs on CPU instead: CUDA's GroupQueryAttention is fp16-only; export with
+          `--target cuda` for the GPU. An fp16 (cuda) bundle runs on CPU, slower, with a warning.
+        threads: CPU intra-op threads (default: physical cores).
+        verify: check every file's sha256 against gptedge.json (the model's safety scan always runs).
+          A successful check is remembered in the user cache with each file's size, mtime, ctime and
+          inode, so an unchanged bundle is not re-hashed on every load; any change re-hashes it.
+        cache: reuse (or write) the optimized graph in $GPTEDGE_CACHE or ~/.cache/gptedge, so later
+          loads skip graph optimization.
+        Raises BundleError (missing, tampered, unsafe, unknown format), UsageError (bad argument),
+        ProviderError (the provider cannot run the graph).
+        """
+        start = time.perf_counter()
+        if provider not in PROVIDERS:  # before hashing a gigabyte of weights
+            raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        folder = Path(path)
+        if optimum.is_optimum_folder(folder):
+            return optimum.load(cls, folder, provider, threads, start)
+        spec = read_verified_spec(folder, verify)
+        choice = choose_provider(provider, spec)
+        model_path = folder / MODEL_NAME
+        tensors = scan_model(model_path)  # before onnxruntime reads a byte of it
+        tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
+        key = cache_key(spec, folder, choice.name) if cache else None
+        session, info = create_session(model_path, choice, threads, key)
+        # gptedge.json is not covered by its own checksums: its sizes must describe this graph before the engine sizes buffers by them.
+        check_graph(spec, _shapes(session.get_inputs()), _shapes(session.get_outputs()), {t.name: t.dims for t in tensors})
+        engine = make_engine(session, spec, info.choice)
+        return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
+
+    # -- basics ----------------------------------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        """The provider that really runs the model ("cpu", "cuda" or "dml")."""
+        return self.session_info.choice.name
+
+    @property
+    def context_length(self) -> int:
+        return self.spec.architecture.context_length
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.spec.special_tokens.get("eos_id")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        if not isinstance(text, str):
+            raise UsageError(f"expected text (str), got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: undecodable bytes in argv, broken UTF-16 from a GUI
+            raise UsageError(f"the text is not valid Unicode (an unpaired surrogate at position {exc.start}); "
+                             "pass UTF-8 text") from None
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens are skipped by default, as in generated text."""
+        ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise UsageError(f"token ids {[i for i in ids if i < 0][:5]} are outside the vocabulary; ids are >= 0")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt as validated token ids: a non-empty string, or a non-empty list of ids in the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise UsageError("the prompt is empty; pass some text (or token ids)")
+            return check_prompt_ids(self.encode(prompt), self.spec.architecture.vocab_size)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence | np.ndarray):
+            raise UsageError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        return check_prompt_ids(list(prompt), self.spec.architecture.vocab_size)
+
+    def sampling_params(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """SamplingParams from the bundle's generation defaults, then `params`, then keyword overrides.
+
+        Stop token ids default to the bundle's eos id. Unknown keywords raise UsageError.
+        """
+        unknown = sorted(set(overrides) - _PARAM_NAMES)
+        if unknown:
+            raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_PARAM_NAMES))}")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
+        base: dict[str, Any] = {k: v for k, v in self.spec.generation_defaults.items() if k in _PARAM_NAMES}
+        if self.eos_id is not None:
+            base.setdefault("stop_token_ids", (self.eos_id,))
+        if params is not None:
+            base.update({f.name: getattr(params, f.name) for f in fields(SamplingParams)})
+        base.update(overrides)
+        return SamplingParams(**base)
+
+    def _plan(self, ids: list[int], params: SamplingParams, explicit_max: bool, truncate: str | None) -> tuple[list[int], SamplingParams, str]:
+        """Fit prompt + max_new_tokens into the context: error, left-truncate, or (default budget) shorten."""
+        if truncate not in TRUNCATE_MODES:
+            raise UsageError(f"truncate must be None or 'left', got {truncate!r}")
+        context, n, m = self.context_length, len(ids), params.max_new_tokens
+        if n + m <= context:
+            return ids, params, "length"
+        if truncate == "left":
+            if m >= context:
+                raise ContextLengthError(f"max_new_tokens ({m}) must be below the context ({context}) to leave room for a prompt")
+            return ids[n - (context - m):], params, "length"
+        if not explicit_max and n < context:
+            return ids, _replace(params, max_new_tokens=context - n), "context"
+        raise ContextLengthError(
+            f"the prompt ({n} tokens) + max_new_tokens ({m}) exceed the model's context of {context} tokens; "
+            "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens"
+        )
+
+    def _prepare(self, prompt, params, truncate, overrides) -> tuple[list[int], SamplingParams, str]:
+        p = self.sampling_params(params, **overrides)
+        explicit = params is not None or "max_new_tokens" in overrides
+        return self._plan(self.prompt_ids(prompt), p, explicit, truncate)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        truncate: str | None = None,
+        cancel=None,
+        **sampling: Any,
+    ) -> Stream:
+        """Yield text pieces as they are generated; they never split a UTF-8 character.
+
+        Joined, the pieces equal `generate(...)`'s text for the same arguments and seed.
+        `sampling` takes SamplingParams fields (temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty, max_new_tokens, stop_token_ids, stop_strings, seed).
+        `truncate="left"` keeps the most recent prompt tokens when prompt + max_new_tokens exceed the
+        context (otherwise ContextLengthError). `cancel`: a CancelToken or threading.Event.
+        """
+        _check_cancel(cancel)
+        ids, p, reason = self._prepare(prompt, params, truncate, sampling)
+        out: list[GenerationResult] = []
+        return Stream(stream_tokens(self.engine, self.tokenizer, ids, p, out, length_reason=reason, cancel=cancel), out)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        truncate: str | None = None,
+        cancel=None,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """Generate a completion of `prompt` (same arguments as `stream`)."""
+        stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, **sampling)
+        for _ in stream:
+            pass
+        return stream.result  # type: ignore[return-value]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | None = None,
+        *,
+        truncate: str | None = None,
+        cancel=None,
+        **sampling: Any,
+    ) -> list[GenerationResult]:
+        """Generate for several prompts of any lengths in one batch (one prefill, one step for all rows).
+
+        Row i gives the same result as `generate(prompts[i], ...)` alone (the same seed per row).
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise UsageError("generate_batch needs a non-empty list of prompts")
+        _check_cancel(cancel)
+        p = self.sampling_params(params, **sampling)
+        explicit = params is not None or "max_new_tokens" in sampling
+        plans = [self._plan(self.prompt_ids(x), p, explicit, truncate) for x in prompts]
+        pad = self.spec.special_tokens.get("pad_id", self.eos_id) or 0
+        return generate_rows(
+            self.engine, self.tokenizer, [ids for ids, _, _ in plans], p, budgets=[q.max_new_tokens for _, q, _ in plans],
+            length_reasons=[reason for _, _, reason in plans], cancel=cancel, pad_id=int(pad),
+        )
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def next_tokens(self, prompt: str | Sequence[int], k: int = 10) -> list[tuple[str, int, float]]:
+        """The k most likely next tokens after `prompt`: [(token text, token id, probability)], most likely first."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UsageError(f"k must be an integer >= 1, got {k!r}")
+        ids = self.prompt_ids(prompt)
+        if len(ids) > self.context_length:
+            ids = ids[-self.context_length:]  # only the last `context` tokens can condition the next one
+        cache = self.engine.new_cache(1, len(ids))
+        try:
+            logits = self.engine.forward(cache, np.asarray(ids, np.int64)[None, :])[0, -1]
+            probs = softmax(logits)
+        finally:
+            self.engine.release(cache)
+        k = min(k, probs.shape[0])
+        top = np.argpartition(-probs, k - 1)[:k]
+        top = top[np.lexsort((top, -probs[top]))]  # by probability, ties by id
+        return [(self.decode([int(i)], skip_special_tokens=False), int(i), float(probs[i])) for i in top]
+
+    def perplexity(self, text: str | Sequence[int], window: int | None = None, stride: int | None = None) -> float:
+        """Perplexity of `text` (or token ids) under the model.
+
+        Texts longer than the context are scored with a sliding window (`window` tokens, default the
+        context; advancing by `stride`, default window // 2), each token once, with the most context.
+        """
+        from gptedge.runtime.evaluate import perplexity
+
+        return perplexity(self.engine, self.prompt_ids(text), window=window, stride=stride).ppl
+
+    def close(self) -> None:
+        """Drop pooled KV buffers (the session itself goes away with the object)."""
+        self.engine.clear_pool()
+
+    def __repr__(self) -> str:
+        a = self.spec.architecture
+        return (f"Model({str(self.folder)!r}, provider={self.provider!r}, dtype={self.spec.dtype!r}, "
+                f"n_layer={a.n_layer}, n_embd={a.n_embd}, context={a.context_length}, vocab={a.vocab_size})")
+
+
+# -- helpers shared with the Optimum loader ------------------------------------------------------------------
+def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    if not path.is_file():
+        raise BundleError(f"{path} is missing; a bundle keeps its tokenizer as {TOKENIZER_NAME}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on parse errors
+        raise BundleError(f"{path} is not a valid tokenizer.json ({exc}); re-export the bundle") from exc
+    if tok.get_vocab_size() > vocab_size:
+        log.info("tokenizer has %d entries, the model %d: ids above the model's vocabulary are refused", tok.get_vocab_size(), vocab_size)
+    return tok
+
+
+def read_verified_spec(folder: Path, verify: bool) -> BundleSpec:
+    """read_spec, skipping the sha256 pass when these exact files (same stat) were verified before.
+
+    Hashing is most of a warm load (0.5 GB of weights: ~1 s). A file rewritten in any way changes its
+    mtime or ctime (ctime cannot be set back by the user), so a match means the bytes hashed earlier.
+    """
+    if not verify:
+        return read_spec(folder, verify_checksums=False)
+    spec = read_spec(folder, verify_checksums=False)  # format version, sizes, files present and inside
+    record = {"files": spec.files, "stats": _stats(folder, spec)}
+    stamp = cache_root() / "verified" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".json")
+    try:
+        if json.loads(stamp.read_text(encoding="utf-8")) == record:
+            return spec
+    except (OSError, ValueError):
+        pass
+    spec = read_spec(folder, verify_checksums=True)
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(stamp, json.dumps(record).encode())
+    except OSError as exc:
+        log.info("gptedge: cannot record the verified checksums in %s (%s); the next load hashes again", stamp, exc)
+    return spec
+
+
+def _stats(folder: Path, spec: BundleSpec) -> dict[str, list[int]]:
+    out = {}
+    for relative in sorted(spec.files):
+        st = (folder / relative).stat()
+        out[relative] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    out["gptedge.json"] = [(folder / "gptedge.json").stat().st_mtime_ns]
+    return out
+
+
+def make_engine(session: ort.InferenceSession, spec: BundleSpec, choice: ProviderChoice) -> Engine:
+    """The Engine for a session: KV on the provider's device (IO binding), DirectML runs serialized."""
+    device = choice.device
+    if device == "dml":
+        try:  # OrtValues on DirectML need an onnxruntime-directml build that exposes the device
+            ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, "dml", 0)
+        except Exception as exc:  # noqa: BLE001 - keep the KV on the host instead
+            log.warning("gptedge: cannot place the KV cache on the DirectML device (%s); keeping it in host memory", exc)
+            device = "cpu"
+    return Engine(session, spec, device=device, serialize_runs=choice.serialize_runs)
+
+
+def _shapes(args) -> dict[str, list]:
+    """{name: declared shape} of onnxruntime NodeArgs (ints, or strings for symbolic axes)."""
+    return {a.name: list(a.shape or []) for a in args}
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise UsageError(f"cancel must be a CancelToken or threading.Event (anything with is_set()), got {type(cancel).__name__}")
+
+
+def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
+    values = {f.name: getattr(params, f.name) for f in fields(SamplingParams)}
+    values.update(changes)
+    return SamplingParams(**values)

@@ -1,0 +1,283 @@
+"""Which execution provider runs a bundle, with which session options, and a cache of optimized graphs.
+
+Provider rules (documented once here; `Model.load` follows them):
+- "auto" takes the first of CUDA, DirectML, CPU that onnxruntime offers *and that can run the
+  bundle*; it never warns about providers the user did not ask for, except when the bundle was
+  built for a provider that is missing (e.g. a cuda bundle on a CPU-only onnxruntime).
+- An explicit provider that is not available, or that cannot run this bundle, falls back to CPU
+  with a warning that says why. The one case that cannot run: an fp32 in-place (GroupQueryAttention)
+  bundle on CUDA, whose GQA kernel is fp16/bf16 only; ORT would place GQA on the CPU and copy the
+  whole KV cache across PCIe every step, so gptedge runs the bundle on CPU instead and says so.
+- A provider whose session fails to start (missing CUDA libraries...) is detected after the session
+  is built (onnxruntime silently drops it) and reported the same way.
+
+Optimized-graph cache: the first load of a bundle runs onnxruntime's graph optimizer and saves the
+result (at the EXTENDED level: ALL adds hardware-specific layouts that must not be baked into a file)
+under the user cache folder, keyed by the bundle's checksums, the onnxruntime version and the
+provider. Later loads read the saved graph with optimizations off, because the work is already done.
+Weights of the saved graph go to an external file next to it
+(`session.optimized_model_external_initializers_file_name`), so models over 2 GB still save.
+Any failure of the cache (unwritable folder, corrupt entry) only costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from gptedge.errors import BundleError, ProviderError, UsageError
+from gptedge.runtime.bundle import BundleSpec
+from gptedge.runtime.onnx_scan import scan_model
+
+log = logging.getLogger("gptedge.runtime")
+
+PROVIDERS = ("auto", "cpu", "cuda", "dml")
+ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+_INSTALL_HINT = {
+    "cuda": "install onnxruntime-gpu (and CUDA 12 + cuDNN 9) instead of onnxruntime",
+    "dml": "install onnxruntime-directml on Windows instead of onnxruntime",
+}
+CACHE_VERSION = "1"  # bump when the cached files' layout changes
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    name: str  # "cpu" | "cuda" | "dml"
+    device: str  # where the KV buffers live: "cpu", "cuda" or "dml"
+    serialize_runs: bool  # DirectML: one Run at a time per session
+    reason: str = ""  # why this differs from what was asked, "" when it does not
+
+    @property
+    def ort_providers(self) -> list[str]:
+        return [ORT_NAMES[self.name]] + ([] if self.name == "cpu" else [ORT_NAMES["cpu"]])
+
+
+def incompatibility(name: str, spec: BundleSpec) -> str | None:
+    """Why provider `name` cannot run this bundle well, or None when it can."""
+    if name == "cuda" and spec.kv_cache.update == "inplace" and spec.kv_cache.dtype != "fp16":
+        return (
+            f"onnxruntime's CUDA GroupQueryAttention runs fp16 only and this bundle's KV cache is {spec.kv_cache.dtype} "
+            f"(built for target {spec.target}); export with --target cuda (fp16) to run on the GPU"
+        )
+    method = str((spec.quantization or {}).get("method", ""))
+    if name == "cuda" and "dynamic" in method:
+        return "dynamic INT8 kernels (DynamicQuantizeMatMul) exist on CPU and DirectML only; quantize with a weight-only recipe for CUDA"
+    return None
+
+
+def choose_provider(requested: str, spec: BundleSpec, available: list[str] | None = None) -> ProviderChoice:
+    """Resolve `requested` ("auto", "cpu", "cuda", "dml") against what onnxruntime offers and what the bundle needs."""
+    if requested not in PROVIDERS:
+        raise UsageError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers() if available is None else available
+    offered = [name for name, ort_name in ORT_NAMES.items() if ort_name in available]
+    if requested == "auto":
+        for name in ("cuda", "dml"):
+            if name in offered and incompatibility(name, spec) is None:
+                return _choice(name)
+        if spec.target != "cpu" and spec.target not in offered:
+            return _fallback(f"the bundle was built for {spec.target} but onnxruntime offers no {ORT_NAMES[spec.target]} "
+                             f"({_INSTALL_HINT[spec.target]}); running on CPU")
+        return _choice("cpu")
+    if requested != "cpu" and requested not in offered:
+        return _fallback(f"provider {requested!r} is not available in this onnxruntime ({', '.join(available)}); "
+                         f"{_INSTALL_HINT[requested]}; running on CPU")
+    why = incompatibility(requested, spec)
+    if why:
+        return _fallback(f"provider {requested!r} cannot run this bundle: {why}; running on CPU")
+    if requested == "cpu" and spec.dtype == "fp16":
+        _warn(f"this bundle is fp16 (built for {spec.target}); on CPU it runs slower than an fp32 export (--target cpu)")
+    return _choice(requested)
+
+
+def _choice(name: str, reason: str = "") -> ProviderChoice:
+    return ProviderChoice(name=name, device=name, serialize_runs=name == "dml", reason=reason)
+
+
+def _fallback(reason: str) -> ProviderChoice:
+    _warn(reason)
+    return _choice("cpu", reason)
+
+
+def _warn(message: str) -> None:
+    """A RuntimeWarning attributed to the caller's line (the first frame outside gptedge.runtime)."""
+    here, level = Path(__file__).resolve().parent, 2
+    frame = sys._getframe(1)
+    while frame is not None and Path(frame.f_code.co_filename).resolve().parent == here:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"gptedge: {message}", RuntimeWarning, stacklevel=level)
+
+
+def physical_cores() -> int | None:
+    """Physical cores this process may run on (Linux), or None to let onnxruntime decide (it uses physical cores)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def session_options(choice: ProviderChoice, threads: int | None) -> ort.SessionOptions:
+    """Options tuned for one-token-at-a-time decoding: sequential, intra-op threads = physical cores."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise UsageError(f"threads must be an integer >= 1 (or None for the physical core count), got {threads!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or physical_cores() or 0
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to a user
+    # Measured (GPT-2-124M, 2 threads): the same tokens/s on an idle machine, about 1.5x faster while other
+    # processes compete for the cores, and no idle threads burning CPU between requests in an app.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if choice.name == "dml":
+        so.enable_mem_pattern = False  # DirectML requires it off
+    return so
+
+
+# -- the optimized-graph cache ------------------------------------------------------------------------
+def cache_root() -> Path:
+    """$GPTEDGE_CACHE, else the platform's user cache folder + gptedge."""
+    if os.environ.get("GPTEDGE_CACHE"):
+        return Path(os.environ["GPTEDGE_CACHE"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "gptedge"
+
+
+def cache_key(spec: BundleSpec, folder: Path, provider: str) -> str:
+    """Bundle checksums + the files' size/mtime (a bundle loaded with verify=False may differ) + ORT version + provider."""
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|ort {ort.__version__}|{provider}|extended|".encode())
+    for relative, digest in sorted(spec.files.items()):
+        if relative.startswith("model.onnx"):
+            st = (folder / relative).stat()
+            h.update(f"{relative}={digest}:{st.st_size}:{st.st_mtime_ns}|".encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class SessionInfo:
+    choice: ProviderChoice  # the provider that really runs the session (after any fallback)
+    cache: str  # "hit", "miss" (optimized graph written now), "off", or "failed: why"
+    model_path: Path  # the file the session was built from
+
+
+def create_session(model_path: Path, choice: ProviderChoice, threads: int | None, key: str | None) -> tuple[ort.InferenceSession, SessionInfo]:
+    """Build the session, reading or filling the optimized-graph cache when `key` is given.
+
+    DirectML is never cached (its fused nodes cannot be serialized). A cache problem costs speed only:
+    the session is then built from the bundle directly.
+    """
+    session_options(choice, threads)  # a bad argument fails here, before the cache is read (or dropped as "broken")
+    session, info = None, SessionInfo(choice, "off", model_path)
+    if key is not None and choice.name != "dml":
+        entry = cache_root() / "graphs" / key
+        try:
+            session, info = _cached_session(model_path, choice, threads, entry)
+        except Exception as exc:  # noqa: BLE001 - any cache failure (OSError, ORT Fail...) falls back to no cache
+            log.warning("gptedge: optimized-graph cache unusable at %s (%s); loading without it", entry, exc)
+            info = SessionInfo(choice, f"failed: {exc}", model_path)
+    if session is None:
+        session = _session(model_path, session_options(choice, threads), choice)
+    return session, _check_providers(session, info)
+
+
+def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | None, entry: Path):
+    cached = entry / "model.onnx"
+    if cached.is_file():
+        try:
+            scan_model(cached)  # the cache is a user-writable folder: the same checks as a bundle
+            so = session_options(choice, threads)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
+            return _session(cached, so, choice), SessionInfo(choice, "hit", cached)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or foreign entry is dropped and rebuilt
+            log.warning("gptedge: dropping a broken optimized-graph cache entry %s (%s)", entry, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        so = session_options(choice, threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp / "model.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = _session(model_path, so, choice)
+        if not (tmp / "model.onnx").is_file():
+            raise OSError(f"onnxruntime wrote no optimized graph to {tmp}")
+        try:
+            os.replace(tmp, entry)  # atomic: a concurrent loader sees the whole entry or none
+        except OSError:
+            if not (entry / "model.onnx").is_file():  # another process may have won the race: fine
+                raise
+        return session, SessionInfo(choice, "miss", model_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_providers(session: ort.InferenceSession, info: SessionInfo) -> SessionInfo:
+    """onnxruntime drops a provider that fails to start (missing CUDA libraries) without raising: say so."""
+    if info.choice.name == "cpu" or ORT_NAMES[info.choice.name] in session.get_providers():
+        return info
+    reason = (f"onnxruntime could not start {ORT_NAMES[info.choice.name]} (see its log above: usually missing "
+              f"CUDA/cuDNN libraries or drivers); running on CPU")
+    _warn(reason)
+    return SessionInfo(_choice("cpu", reason), info.cache, info.model_path)
+
+
+_ERRORS = ort.capi.onnxruntime_pybind11_state
+
+
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find CUDA/cuDNN from pip's nvidia-* packages (what `import torch` would do, without torch)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):  # it prints advice; stdout may be the user's generated text
+            preload(cuda=True, cudnn=True, msvc=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.info("gptedge: onnxruntime.preload_dlls failed (%s); relying on the system library path", exc)
+    if chatter.getvalue().strip():
+        log.info("gptedge: onnxruntime.preload_dlls: %s", chatter.getvalue().strip())
+
+
+def _session(path: Path, so: ort.SessionOptions, choice: ProviderChoice) -> ort.InferenceSession:
+    """An InferenceSession, with onnxruntime's failures turned into gptedge errors that say what to do."""
+    if choice.name == "cuda":
+        _preload_cuda_libraries()
+    try:
+        return ort.InferenceSession(str(path), so, providers=choice.ort_providers)
+    except (_ERRORS.NotImplemented, _ERRORS.EPFail) as exc:
+        raise ProviderError(
+            f"onnxruntime {ort.__version__} cannot run {path.name} on {choice.name}: {_first_line(exc)}; "
+            "export the bundle for this provider (--target) or choose another --provider"
+        ) from exc
+    except (_ERRORS.InvalidProtobuf, _ERRORS.InvalidGraph, _ERRORS.Fail, _ERRORS.InvalidArgument, _ERRORS.NoSuchFile) as exc:
+        raise BundleError(f"onnxruntime cannot load {path}: {_first_line(exc)}; the model is corrupt or incompatible, re-export it") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

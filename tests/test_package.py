@@ -1,0 +1,79 @@
+"""Packaging: one import package `gptedge`, light imports, a CLI whose --help works everywhere."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    test_commands = [line.strip() for b in blocks for line in b.splitlines() if "pytest" in line and "venv" in line]
+    assert test_commands, "README.md must show the command that sets up and runs the tests"
+    assert test_commands[0] in ci.replace("pip install -q ", "pip install "), "'.ci/run' must run README.md's test command"
+
+
+@pytest.mark.slow
+def test_wheel_holds_only_the_gptedge_package(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("gptedge-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"gptedge", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
+    for sub in ("runtime", "export", "quantize", "train"):
+        assert f"gptedge/{sub}/__init__.py" in names
+    assert "gptedge/runtime/engine.py" in names and "gptedge/train/model.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_import_gptedge_is_light():
+    code = "import sys, gptedge, gptedge.cli; print(sorted(m for m in ('numpy','onnxruntime','torch','onnx') if m in sys.modules))"
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_top_level_help_lists_every_command():
+    from gptedge.cli import COMMANDS
+
+    result = _run("-m", "gptedge.cli", "--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "export", "quantize", "generate", "chat", "next", "eval", "info", "bench", "demo"])
+def test_every_command_explains_every_option(command):
+    result = _run("-m", "gptedge.cli", command, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    # Every option line ("  --name ...") is followed by help text on the same or the next line.
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s{2}(-{1,2}[\w-]+)", line)
+        if m and m.group(1) not in ("-h", "--help"):
+            rest = line[m.end():].strip()
+            has_text = bool(re.search(r"\s{2,}\S", line[m.end():])) or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 8))
+            assert has_text, f"`gptedge {command}` option {m.group(1)} has no help: {line!r} {rest!r}"
+
+
+def test_unknown_command_fails_with_one_line():
+    result = _run("-m", "gptedge.cli", "frobnicate")
+    assert result.returncode != 0
+    assert "unknown command" in result.stderr or "invalid choice" in result.stderr
