@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from gptedge.errors import ContextLengthError, UsageError
-from gptedge.runtime.detokenizer import StreamingDetokenizer
+from gptedge.runtime.detokenizer import StreamingDetokenizer, token_count
 from gptedge.runtime.engine import Engine, KVCache
 from gptedge.runtime.sampling import SamplingParams, sample_next
 from gptedge.runtime.stopping import StopStringMatcher
@@ -102,6 +102,12 @@ def decode_step(engine: Engine, cache: KVCache, token_id: int) -> np.ndarray:
     return engine.forward(cache, np.array([[token_id]], np.int64))[0, -1]
 
 
+def text_logits(logits: np.ndarray, tokenizer) -> np.ndarray:
+    """Only the ids the tokenizer can spell: checkpoints often pad the embedding past the vocabulary
+    (to a multiple of 64 or 128), and a sampled pad id would have no text. A view, no copy."""
+    return logits[..., : token_count(tokenizer)]
+
+
 def is_stop_token(token_id: int, params: SamplingParams) -> bool:
     return token_id in params.stop_token_ids
 
@@ -169,7 +175,7 @@ def stream_tokens(
             for step in range(params.max_new_tokens):
                 if _cancelled(cancel):
                     break
-                token = sample_next(logits, params, rng, history)
+                token = sample_next(text_logits(logits, tokenizer), params, rng, history)
                 if first is None:
                     first = time.perf_counter()
                     timings.ttft_s = first - start
@@ -242,7 +248,7 @@ def generate_rows(
     timings = [Timings(prompt_tokens=int(n)) for n in lengths]
     cache = engine.new_cache(B, kv_capacity(needed, engine.arch.context_length))
     try:
-        logits = engine.forward(cache, ids, lengths)[:, -1]  # [B, V]
+        logits = text_logits(engine.forward(cache, ids, lengths)[:, -1], tokenizer)  # [B, V']
         ttft = time.perf_counter() - start
         for step in range(max(budgets)):
             if _cancelled(cancel):
@@ -259,7 +265,7 @@ def generate_rows(
             done = np.array([r is not None for r in reasons])
             if done.all():
                 break
-            logits = engine.forward(cache, nxt)[:, -1]
+            logits = text_logits(engine.forward(cache, nxt)[:, -1], tokenizer)
             # A finished row is parked: it still takes part in each step (the batch shape is fixed), but
             # its length is wound back so it keeps overwriting one spare slot instead of growing.
             cache.lengths[done] -= 1
