@@ -12,12 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptedge.errors import CheckpointError, UsageError
 
 EOT = "<|endoftext|>"  # separates documents and ends fine-tuning examples; GPT-2's spelling
 MIN_VOCAB = 256 + 1  # every byte plus the end-of-text token
+# Han ideographs and kana are written without spaces, so GPT-2's regex would hand BPE a whole clause
+# as one "word" and merges would glue characters across word boundaries ("客的"). Then a prompt that
+# ends mid-clause tokenizes differently from the same text in training, and the next-token table of
+# "我喜欢阅读技术博客" would not show "的". One character per pre-token keeps the tokenization of
+# a prefix a prefix of the tokenization (byte-level merges inside a character remain).
+CJK_CHARACTER = Regex(r"[\p{Han}\p{Hiragana}\p{Katakana}]")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -28,7 +34,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size < MIN_VOCAB:
         raise UsageError(f"vocab size {vocab_size} is too small; use at least {MIN_VOCAB} (256 bytes + {EOT})")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(CJK_CHARACTER, behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -46,7 +46,7 @@ from gptedge.train.presets import SHAPE_KEYS, get_preset  # noqa: E402
 from gptedge.train.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 DEFAULT_PRESET = "small"
-TOKENIZER_RECIPE = 1  # bump when train_tokenizer changes, to invalidate cached tokenizers
+TOKENIZER_RECIPE = 2  # bump when train_tokenizer changes, to invalidate cached tokenizers
 METRICS = "metrics.jsonl"  # one JSON line per step (train loss, lr) and per evaluation (val loss)
 
 
