@@ -80,6 +80,9 @@ def score_tokens(
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     context = engine.arch.context_length
+    for name, value in (("window", window), ("stride", stride)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise UsageError(f"{name} must be a whole number of tokens, got {value!r}")
     window = context if window is None else int(window)
     if not 1 <= window <= context:
         raise UsageError(f"window must be between 1 and the model's context of {context} tokens, got {window}")

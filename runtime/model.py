@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -111,6 +112,8 @@ class Model:
         start = time.perf_counter()
         if provider not in PROVIDERS:  # before hashing a gigabyte of weights
             raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise UsageError(f"Model.load needs the path of a bundle folder, got {path!r}")
         folder = Path(path)
         if optimum.is_optimum_folder(folder):
             return optimum.load(cls, folder, provider, threads, start)

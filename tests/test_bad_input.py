@@ -449,3 +449,20 @@ def test_any_prompt_text_generates_or_is_a_usage_error(runtime_model: Model, pro
     result = stream.result
     assert "".join(pieces) == result.text
     assert result.finish_reason == "length" and len(result.token_ids) == 3
+
+
+@pytest.mark.parametrize("kwargs, phrase", [({"window": 2.5}, "whole number"), ({"stride": "8"}, "whole number")])
+def test_perplexity_window_and_stride_must_be_whole_numbers(runtime_model, kwargs, phrase):
+    from gptedge.errors import UsageError
+
+    with pytest.raises(UsageError, match=phrase):
+        runtime_model.perplexity("def f(x):\n    return x + 1\n", **kwargs)
+
+
+@pytest.mark.parametrize("path", [None, 3, ""])
+def test_load_needs_a_path(path):
+    from gptedge.errors import GptEdgeError
+    from gptedge.runtime import Model
+
+    with pytest.raises(GptEdgeError, match="path|bundle|exist"):
+        Model.load(path)
