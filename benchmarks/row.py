@@ -34,7 +34,12 @@ def load_gptedge(artifact: Path) -> tuple[Stream, int, int]:
     model = Model.load(artifact, provider="cpu", threads=THREADS)
 
     def stream(ids: list[int], n: int) -> Iterable[int]:
-        yield from model.stream_ids(ids, max_new_tokens=n, temperature=0.0, stop_token_ids=())
+        # Token ids with the time each was chosen (text pieces may hold back bytes of a character).
+        stamped: list[_Stamped] = []
+        for _ in model.stream(ids, max_new_tokens=n, temperature=0.0, stop_token_ids=(),
+                              on_token=lambda t: stamped.append(_Stamped(t, time.perf_counter()))):
+            pass
+        yield from stamped
 
     arch = model.spec.architecture
     return stream, arch.vocab_size, arch.context_length

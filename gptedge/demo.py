@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="quantization recipe (auto picks the fastest INT8 recipe for CPU)")
     parser.add_argument("--prompt", default=PROMPT, help="Python prompt whose completion is streamed")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="tokens to generate for the completion")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the streamed completion (same seed, same text)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference (default: physical cores)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage even where its output exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -102,7 +103,9 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     _stage("4/5 stream a completion (INT8)")
     print(args.prompt, end="", flush=True)
-    for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0.0):
+    # A small model left to greedy decoding loops; light sampling with a repetition penalty reads better.
+    for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.95,
+                              repetition_penalty=1.15, seed=args.seed):
         print(piece, end="", flush=True)
     print()
     print(f"\nnext-token table after {NEXT_PROMPT!r}:")
@@ -121,11 +124,18 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 
 def quality_table(quantization: dict) -> str:
-    """The gate's table as stored in the bundle."""
-    table = quantization.get("report", {}).get("table")
-    if table:
-        return table
-    return "\n".join(f"{k}: {v}" for k, v in quantization.items() if k != "report")
+    """The gate's measurements as stored in the bundle's gptedge.json."""
+    q = quantization.get("quality", {})
+    if not q:
+        return "(this bundle records no quality report)"
+    size = quantization.get("model_bytes", 0) / max(quantization.get("source_model_bytes", 1), 1)
+    return "\n".join([
+        "| bundle | perplexity | change | top-1 agreement | greedy agreement | model size |",
+        "|---|---|---|---|---|---|",
+        f"| fp32 | {q['float_ppl']:.3f} | - | - | - | 100% |",
+        f"| {quantization.get('method', '?')} | {q['quantized_ppl']:.3f} | {q['ppl_increase_pct']:+.2f}% | "
+        f"{q['top1_agreement']:.1%} | {q['greedy_agreement']:.1%} | {size:.0%} |",
+    ])
 
 
 def next_table(rows: list[tuple[str, int, float]]) -> str:

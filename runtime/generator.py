@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -152,8 +152,12 @@ def stream_tokens(
     *,
     length_reason: str = "length",
     cancel=None,
+    on_token: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """Yield text pieces of one generation; when it ends, append its GenerationResult to `out`.
+
+    `on_token(id)` is called with each sampled token id as soon as it is chosen (stop ids included),
+    for callers that need ids or per-token timing rather than text.
 
     Closing the iterator early (or setting `cancel`) ends the generation with finish_reason
     "cancelled"; the KV buffers go back to the engine's pool as soon as decoding stops, before the
@@ -176,6 +180,8 @@ def stream_tokens(
                 if _cancelled(cancel):
                     break
                 token = sample_next(text_logits(logits, tokenizer), params, rng, history)
+                if on_token is not None:
+                    on_token(token)
                 if first is None:
                     first = time.perf_counter()
                     timings.ttft_s = first - start

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -220,6 +220,7 @@ class Model:
         *,
         truncate: str | None = None,
         cancel=None,
+        on_token: Callable[[int], None] | None = None,
         **sampling: Any,
     ) -> Stream:
         """Yield text pieces as they are generated; they never split a UTF-8 character.
@@ -229,11 +230,13 @@ class Model:
         presence_penalty, frequency_penalty, max_new_tokens, stop_token_ids, stop_strings, seed).
         `truncate="left"` keeps the most recent prompt tokens when prompt + max_new_tokens exceed the
         context (otherwise ContextLengthError). `cancel`: a CancelToken or threading.Event.
+        `on_token(id)`: called with each sampled id as it is chosen (per-token timing, token-level UIs).
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
         out: list[GenerationResult] = []
-        return Stream(stream_tokens(self.engine, self.tokenizer, ids, p, out, length_reason=reason, cancel=cancel), out)
+        return Stream(stream_tokens(self.engine, self.tokenizer, ids, p, out, length_reason=reason, cancel=cancel,
+                                   on_token=on_token), out)
 
     def generate(
         self,

@@ -360,3 +360,9 @@ def test_unknown_format_version_is_refused(bundle_copy: Path) -> None:
 def test_errors_share_one_base(runtime_model: Model) -> None:
     with pytest.raises(GptEdgeError):
         runtime_model.next_tokens("Hi", 0)
+
+
+def test_on_token_sees_every_sampled_id_in_order(runtime_model):
+    seen: list[int] = []
+    result = runtime_model.generate("def f(x):", max_new_tokens=10, temperature=0.0, stop_token_ids=(), on_token=seen.append)
+    assert seen == result.token_ids and len(seen) == 10
