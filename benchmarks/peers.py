@@ -169,6 +169,8 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
         opt = prepare_optimum(hf_dir, root)
         rows.append(Row("naive-ort-fp32", "naive-ort", opt["fp32"] / "model.onnx", sorted(opt["fp32"].glob("model.onnx*"))))
         rows.append(Row("optimum-fp32", "optimum", opt["fp32"], sorted(opt["fp32"].glob("model.onnx*"))))
+        rows.append(Row("naive-ort-int8", "naive-ort", opt["int8"] / "model_quantized.onnx",
+                        sorted(opt["int8"].glob("model_quantized.onnx*"))))
         rows.append(Row("optimum-int8", "optimum", opt["int8"], sorted(opt["int8"].glob("model_quantized.onnx*")),
                         extra=["--file-name", "model_quantized.onnx"]))
         if _have("onnxruntime_genai"):

@@ -208,7 +208,7 @@ OTHER_CALLS = [
     ("encode-not-text", lambda m: m.encode(5), UsageError, "expected text"),
     ("load-provider-none", lambda m: Model.load(m.folder, provider=None), UsageError, "unknown provider"),
     ("load-threads-bool", lambda m: Model.load(m.folder, threads=True), UsageError, "threads must be an integer"),
-    ("load-empty-path", lambda m: Model.load(""), BundleError, "it is not a gptedge bundle"),
+    ("load-empty-path", lambda m: Model.load(""), UsageError, "needs the path of a bundle folder"),
 ]
 
 

@@ -113,23 +113,16 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(capsys, monkeypatch, runti
     calls = []
 
     def interrupted_stream(self, *args, **kwargs):
-        stream = real_stream(self, *args, **kwargs)
-        calls.append(stream)
+        seen: list[int] = []
 
-        def pieces():
-            yield next(stream)
-            if len(calls) == 1:
+        def ctrl_c_on_second_token(token_id: int) -> None:
+            seen.append(token_id)
+            if len(calls) == 1 and len(seen) == 2:
                 raise KeyboardInterrupt  # what Ctrl-C does in the middle of the first answer
-            yield from stream
 
-        class Wrapped:
-            def __iter__(self):
-                return pieces()
-
-            def close(self):
-                stream.close()
-
-        return Wrapped()
+        stream = real_stream(self, *args, on_token=ctrl_c_on_second_token, **kwargs)
+        calls.append(stream)
+        return stream
 
     monkeypatch.setattr(Model, "stream", interrupted_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n"))
