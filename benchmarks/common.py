@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -37,17 +36,22 @@ def prompt_ids(length: int, vocab_size: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab_size - 1, length).tolist()
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: this process's own peak. (ru_maxrss is not: Linux carries the parent's peak across fork+exec,
+    so every row started by the orchestrator would report the orchestrator's peak.)"""
+    return _status_mb("VmHWM")
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 @dataclass
@@ -70,11 +74,15 @@ class Timed:
 
 
 def timed(stream: Callable[[], Iterable[int]]) -> Timed:
-    """Run a token-id generator, stamping each id as it arrives."""
+    """Run a token-id generator, stamping each id as it arrives.
+
+    Peers whose API is not an iterator (HF generate, gptedge's on_token callback) hand over ids that
+    carry a `stamp` attribute: the moment the id was really chosen, which is used instead.
+    """
     start = time.perf_counter()
     tokens, times = [], []
     for token in stream():
-        times.append(time.perf_counter())
+        times.append(getattr(token, "stamp", None) or time.perf_counter())
         tokens.append(int(token))
     return Timed(tokens, times, start)
 

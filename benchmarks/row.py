@@ -180,11 +180,7 @@ class _Stamped(int):
 
 
 def _timed(stream: Stream, ids: list[int], n: int) -> Timed:
-    result = timed(lambda: stream(ids, n))
-    stamps = [getattr(t, "stamp", None) for t in result.tokens]
-    if all(s is not None for s in stamps):
-        result.times = stamps  # type: ignore[assignment]
-    return result
+    return timed(lambda: stream(ids, n))
 
 
 def main() -> None:

@@ -10,6 +10,17 @@ import pytest
 _TRAIN_MODULES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py"]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small matrices run fastest on one thread, and the machine is shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def train_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 90 KB of Python source (a few of this interpreter's stdlib modules) in one text file."""

@@ -24,13 +24,7 @@ from gptedge.train.tokenizer import load_tokenizer, train_tokenizer
 from gptedge.train.trainer import TrainConfig, _param_groups, iter_metrics, lr_at, resolve_config, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(out: Path, corpus: Path, cache: Path, **overrides) -> TrainConfig:
