@@ -251,13 +251,15 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         _log("matplotlib not installed: no PNG (pip install matplotlib)")
         return False
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    for r in results:
+    colors = plt.cm.tab20.colors  # one distinct colour per row (the default cycle repeats after 10)
+    for i, r in enumerate(results):
         c = r["curve"]
         xs = c["positions"] + c["late_positions"]
         ys = c["tps"] + c["late_tps"]
         window = 8  # per-token times are noisy; a short moving median shows the trend
         smooth = [statistics.median(ys[max(0, i - window):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, smooth, ".", markersize=3, label=r["row"])
+        ax.plot(xs, smooth, "o" if r["row"].startswith("gptedge") else ".", markersize=3 if r["row"].startswith("gptedge") else 2,
+                color=colors[i % len(colors)], label=r["row"])
     ax.set_xlabel("position (tokens in context)")
     ax.set_ylabel("decode tokens/s (moving median of 8)")
     ax.set_title(title)
@@ -266,6 +268,23 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
+
+
+def quality_table(rows: list[Row]) -> str:
+    """The quality gate's measurements stored in each quantized gptedge bundle (gptedge.json)."""
+    lines = ["| bundle | perplexity | vs fp32 | top-1 agreement | greedy agreement (identical prefix) | model bytes vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.system != "gptedge":
+            continue
+        q = json.loads((row.artifact / "gptedge.json").read_text())["quantization"]
+        if not q:
+            continue
+        g = q["quality"]
+        lines.append(f"| {row.name} | {g['quantized_ppl']:.3f} (fp32 {g['float_ppl']:.3f}) | {g['ppl_increase_pct']:+.2f}% | "
+                     f"{g['top1_agreement']:.1%} | {g['greedy_agreement']:.1%} ({g['greedy_prefix']:.1%}) | "
+                     f"{q['model_bytes'] / q['source_model_bytes']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def add_perplexity(results: list[dict], rows: list[Row], eval_text: str | None) -> None:
@@ -317,6 +336,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"peers-{args.model}"
     table = markdown(results, skipped, meta)
+    if eval_text:
+        table += "\nQuality gate of each gptedge bundle (stored in its gptedge.json):\n\n" + quality_table(kept)
     Path(f"{stem}.md").write_text(table)
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results, "skipped": skipped}, indent=1))
     plot(results, Path(f"{stem}.png"), f"decode speed vs position ({args.model}, {THREADS} threads)")
