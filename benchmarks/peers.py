@@ -218,7 +218,7 @@ def summarize(name: str, runs: list[dict], row: Row, reference: list[int] | None
         "row": name, "load_s": med("load_s"), "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
         "decode_tps": med("decode_tps"), "decode_tps_min": min(tps), "decode_tps_max": max(tps),
         "late_position": runs[-1]["late_position"], "late_decode_tps": med("late_decode_tps"),
-        "peak_rss_mb": med("peak_rss_mb"), "rss_after_import_mb": med("rss_after_import_mb"), "model_mb": artifact_mb,
+        "peak_rss_mb": med("peak_rss_mb"), "model_mb": artifact_mb,
         "tokens_vs_pytorch": agree, "n": len(runs), "note": row.note, "curve": runs[-1]["curve"],
     }
 
