@@ -295,7 +295,7 @@ def add_perplexity(results: list[dict], rows: list[Row], eval_text: str | None) 
 
     for r, row in zip(results, rows):
         if row.system == "gptedge":
-            r["ppl"] = Model.load(row.artifact, provider="cpu", threads=THREADS).perplexity(eval_text).ppl
+            r["ppl"] = Model.load(row.artifact, provider="cpu", threads=THREADS).perplexity(eval_text)
 
 
 def main() -> None:

@@ -167,7 +167,9 @@ def load_llamacpp(artifact: Path) -> tuple[Stream, int, int]:
             if i + 1 >= n:
                 break
 
-    return stream, llm.n_vocab(), llm.n_ctx()
+    # The learned position table ends at the trained context; a longer n_ctx would index past it.
+    trained = int(llm.metadata.get("gpt2.context_length", llm.n_ctx()))
+    return stream, llm.n_vocab(), min(trained, llm.n_ctx())
 
 
 class _Stamped(int):
