@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, peak_rss_mb, pin_threads, prompt_ids  # run as a script: its folder is on the path
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, peak_rss_mb, pin_threads, prompt_ids  # noqa: E402
 
 # label -> (method, build options)
 VARIANTS: dict[str, tuple[str, dict]] = {
