@@ -26,6 +26,7 @@ from gptedge.runtime.sampling import SamplingParams, sample_next
 from gptedge.runtime.stopping import StopStringMatcher
 
 FINISH_REASONS = ("eos", "stop_string", "length", "cancelled", "context")
+PREFILL_CHUNK = 256  # prompt tokens per run when prefilling (bounds activation memory)
 KV_ROUNDING = 64  # KV buffers come in multiples of this, so requests of similar size share pooled buffers
 
 
@@ -92,9 +93,20 @@ def kv_capacity(needed: int, context: int, multiple: int = KV_ROUNDING) -> int:
     return min(context, -(-needed // multiple) * multiple)
 
 
-def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int]) -> np.ndarray:
-    """Run the whole prompt in one step; logits row [V] for the next token."""
-    return engine.forward(cache, np.asarray(prompt_ids, np.int64)[None, :])[0, -1]
+def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run the prompt in runs of at most `chunk` tokens; logits row [V] for the next token.
+
+    One run per chunk keeps the activations of a long prompt bounded (a 900-token prompt in one run
+    lifted a GPT-2-124M INT8 process from 287 to 421 MB peak) at no measurable cost in speed: each
+    chunk is still a large matrix product. Batch 1 only: GroupQueryAttention refuses several new
+    tokens per row on a non-empty cache when batch > 1.
+    """
+    ids = np.asarray(prompt_ids, np.int64)[None, :]
+    n = ids.shape[1]
+    last = (n - 1) % chunk + 1  # the final run holds 1..chunk tokens; the ones before are full chunks
+    for start in range(0, n - last, chunk):
+        engine.forward(cache, ids[:, start:start + chunk])
+    return engine.forward(cache, ids[:, n - last:])[0, -1]
 
 
 def decode_step(engine: Engine, cache: KVCache, token_id: int) -> np.ndarray:

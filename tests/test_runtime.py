@@ -366,3 +366,16 @@ def test_on_token_sees_every_sampled_id_in_order(runtime_model):
     seen: list[int] = []
     result = runtime_model.generate("def f(x):", max_new_tokens=10, temperature=0.0, stop_token_ids=(), on_token=seen.append)
     assert seen == result.token_ids and len(seen) == 10
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 33, 1000])
+def test_chunked_prefill_gives_the_logits_of_one_run(runtime_model, chunk):
+    from gptedge.runtime.generator import prefill
+
+    engine = runtime_model.engine
+    ids = runtime_model.encode("def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 2)[:60]
+    whole, parts = engine.new_cache(1, 64), engine.new_cache(1, 64)
+    expected = engine.forward(whole, np.asarray(ids)[None, :])[0, -1].copy()
+    got = prefill(engine, parts, ids, chunk=chunk)
+    assert int(parts.lengths[0]) == len(ids)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
