@@ -1,4 +1,4 @@
-"""`export_bundle`: a gptedge checkpoint or a local Hugging Face GPT-2 folder -> a verified bundle.
+"""`export_bundle`: a gptedge checkpoint or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3) -> a verified bundle.
 
 Order of work, so that bad input fails fast and nothing half-done is ever visible:
   1. check the options and that the output may be written (cheap);
@@ -36,7 +36,7 @@ EOT = "<|endoftext|>"
 
 @dataclass
 class Source:
-    kind: str  # "gptedge-checkpoint" or "huggingface-gpt2"
+    kind: str  # "gptedge-checkpoint" or "huggingface-<model_type>"
     path: Path
     model: Any  # gptedge.train.model.GPT, fp32, eval
     tokenizer: Any  # tokenizers.Tokenizer
@@ -44,6 +44,8 @@ class Source:
     special_tokens: dict[str, Any] = field(default_factory=dict)
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     weight_files: list[Path] = field(default_factory=list)
+    family: str = "gpt2"  # a name for people ("gpt2", "llama", "qwen3", ...); the model's config says what it computes
+    chat_template: str | None = None  # Jinja text from the source's tokenizer files, carried into the bundle
 
 
 class Progress:
@@ -79,15 +81,24 @@ def _gptedge_special_tokens(tok) -> dict[str, Any]:
     return {} if tid is None else {"bos_id": tid, "bos": EOT, "eos_id": tid, "eos": EOT}
 
 
+# Names for points of the model space that have one: (positions, norm, mlp) -> family.
+FAMILY_NAMES = {("learned", "layernorm", "gelu"): "gpt2", ("rope", "rmsnorm", "swiglu"): "llama"}
+
+
+def family_name(config) -> str:
+    """A name for people; "custom" for points of the space no family is known by."""
+    return FAMILY_NAMES.get((config.positions, config.norm, config.mlp), "custom")
+
+
 def load_source(path: str | Path) -> Source:
-    """Load a gptedge checkpoint or a local Hugging Face GPT-2 folder; CheckpointError for anything else."""
+    """Load a gptedge checkpoint or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3); CheckpointError for anything else."""
     from gptedge.export import hf
     from gptedge.train import checkpoint
     from gptedge.train.tokenizer import load_tokenizer
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face GPT-2 folder")
+        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3)")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
     if checkpoint.is_checkpoint(path):
@@ -96,14 +107,15 @@ def load_source(path: str | Path) -> Source:
         return Source(
             kind="gptedge-checkpoint", path=path.resolve(), model=model.eval().requires_grad_(False), tokenizer=tok,
             tokenizer_file=path / checkpoint.TOKENIZER, special_tokens=_gptedge_special_tokens(tok),
-            weight_files=[path / checkpoint.WEIGHTS],
+            weight_files=[path / checkpoint.WEIGHTS], family=family_name(model.config),
         )
     if hf.is_hf_folder(path):
-        src = hf.load_hf_gpt2(path)
+        src = hf.load_hf(path)
         return Source(
             kind=f"huggingface-{src.model_type}", path=path.resolve(), model=src.model, tokenizer=src.tokenizer,
             tokenizer_file=src.tokenizer_file, special_tokens=src.special_tokens,
-            generation_defaults=src.generation_defaults, weight_files=src.weight_files,
+            generation_defaults=src.generation_defaults, weight_files=src.weight_files, family=src.model_type,
+            chat_template=src.chat_template,
         )
     raise CheckpointError(
         f"{path} is neither a gptedge checkpoint (config.json with \"format\": \"gptedge-checkpoint\" + model.safetensors) "
@@ -134,29 +146,56 @@ def _check_paths(source: Path, out: Path, force: bool) -> None:
         raise OutputExistsError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another folder")
 
 
-def _context(max_context: int | None, block_size: int) -> int:
+def _context(max_context: int | None, config) -> int:
+    """The positions the bundle serves: all the model computes exactly, or fewer when asked."""
+    exact = config.exact_context
     if max_context is None:
-        return block_size
+        return exact
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
         raise UsageError(f"max_context must be a positive integer, not {max_context!r}")
-    if max_context > block_size:
+    if max_context > config.block_size:
         raise UsageError(
-            f"--max-context {max_context} exceeds the model's block size {block_size} (the positions it has embeddings for); "
-            f"use at most {block_size}"
+            f"--max-context {max_context} exceeds the model's block size {config.block_size} (the positions it was "
+            f"built for); use at most {config.block_size}"
+        )
+    if max_context > exact:
+        why = (f"its sliding window of {config.sliding_window} positions" if exact == config.sliding_window
+               else f"its rotary scaling's short context of {exact} positions")
+        raise UsageError(
+            f"--max-context {max_context} is longer than this model computes exactly ({why}; gptedge does not "
+            f"approximate past it); use at most {exact}"
         )
     return max_context
 
 
 def export_model(model, context: int, dtype: str):
-    """A copy of `model` cut to `context` positions (the position table is the only part that depends on it), in `dtype`."""
+    """A copy of `model` cut to `context` positions (the position or rotary tables), in `dtype`."""
     import torch
 
-    m = copy.deepcopy(model)  # deepcopy keeps lm_head tied to wte
+    m = copy.deepcopy(model)  # deepcopy keeps a tied lm_head tied to wte
     if context < m.config.block_size:
-        m.transformer.wpe = torch.nn.Embedding.from_pretrained(m.transformer.wpe.weight[:context].clone(), freeze=True)
+        if "wpe" in m.transformer:
+            m.transformer.wpe = torch.nn.Embedding.from_pretrained(m.transformer.wpe.weight[:context].clone(), freeze=True)
         m.config = replace(m.config, block_size=context)
+        m.build_rope()
     m = m.to(torch.float16 if dtype == "fp16" else torch.float32).eval().requires_grad_(False)
     return m
+
+
+def model_details(config) -> dict[str, Any]:
+    """What `gptedge info` shows about the model space point (the runtime itself needs none of it)."""
+    keys = ("positions", "norm", "mlp", "intermediate_size", "tie_embeddings", "qkv_bias", "proj_bias", "mlp_bias",
+            "qk_norm", "layer_norm_epsilon")
+    out: dict[str, Any] = {k: getattr(config, k) for k in keys}
+    if config.positions == "rope":
+        out["rope_theta"] = config.rope_theta
+        scaling = dict(config.rope_scaling or {})
+        scaling.pop("long_factor", None)  # lists of D/2 numbers: kept in the checkpoint, not worth a screen
+        scaling.pop("short_factor", None)
+        out["rope_scaling"] = scaling or None
+    if config.sliding_window:
+        out["sliding_window"] = config.sliding_window
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -200,14 +239,15 @@ def export_bundle(
     with log.stage("load", f"loading {source}"):
         src = load_source(source)
     config = src.model.config
-    context = _context(max_context, config.block_size)
+    context = _context(max_context, config)
     arch = Architecture(
-        family="gpt2", n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_head, head_dim=config.head_dim,
-        n_embd=config.n_embd, vocab_size=config.vocab_size, context_length=context,
+        family=src.family, n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
+        head_dim=config.head_dim, n_embd=config.n_embd, vocab_size=config.vocab_size, context_length=context,
+        details=model_details(config),
     )
     spec = BundleSpec(
         architecture=arch, dtype=dtype, target=target, io=io_spec(kv), kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
-        special_tokens=src.special_tokens, generation_defaults=src.generation_defaults,
+        special_tokens=src.special_tokens, generation_defaults=src.generation_defaults, chat_template=src.chat_template,
     )
     with atomic_output_dir(out_dir, force=force) as tmp:
         model = export_model(src.model, context, dtype)

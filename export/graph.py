@@ -11,13 +11,15 @@ Two graphs, both following the contract in `gptedge.runtime.bundle` exactly:
   Where), present = past ++ new, padding carried by `attention_mask`. Portable to any
   runtime, at an O(context) copy per step.
 
-Both graphs share the same weights and arithmetic as `gptedge.train.model.GPT`
-(verification compares them against `GPT.forward`, not against these wrappers), and
-both avoid `is_causal=True`: with a past the causal mask must be aligned bottom-right.
+Both graphs run `GPT.embed`, `GPT.blocks` and `GPT.head` themselves: the only thing a graph
+chooses is the attention kernel it hands the blocks (`GroupQueryKernel` or `ConcatKernel`;
+`gptedge.train.model.CachedAttention` is PyTorch's). So every model family exports through the
+same two wrappers, and verification compares them against `GPT.forward`. Neither uses
+`is_causal=True`: with a past the causal mask must be aligned bottom-right.
 
-The LM head is `Gemm(h, wte, transB=1)` on the embedding table itself, so the tied
-matrix is stored once (a MatMul would make the exporter fold a transposed copy of
-it into the file: 154 MB more for GPT-2 small in fp32).
+The LM head is `Gemm(h, W, transB=1)` on the [V, C] matrix itself (the embedding table when
+tied), so it is stored once (a MatMul would make the exporter fold a transposed copy of it into
+the file: 154 MB more for GPT-2 small in fp32).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
-from gptedge.train.model import GPT, Block
+from gptedge.train.model import GPT, rotate
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -45,67 +47,112 @@ def io_spec(kv: str) -> IOSpec:
     return INPLACE_IO if kv == "inplace" else CONCAT_IO
 
 
-class _GraphBase(nn.Module):
-    """Embedding, MLP and tied head shared by both graphs; attention is the subclass's business."""
+class GroupQueryKernel:
+    """Attention as `com.microsoft::GroupQueryAttention` over one fixed-capacity buffer per layer.
+
+    Grouped KV heads go to the op as they are (kv_num_heads); rotary models hand it the cos/sin tables
+    (do_rotary), so the rotation happens inside the kernel at the positions it derives from seqlens_k.
+    """
+
+    def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor, total: torch.Tensor) -> None:
+        c = model.config
+        self.past, self.seqlens_k, self.total = past, seqlens_k, total
+        self.rope = [model.rope_cos, model.rope_sin] if c.positions == "rope" else []
+        self.attrs = dict(num_heads=c.n_head, kv_num_heads=c.n_kv_head, scale=1.0 / c.head_dim**0.5)
+        if self.rope:
+            self.attrs.update(do_rotary=1, rotary_interleaved=0)
+        self.presents: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
+        y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [q, k, v, past_k, past_v, self.seqlens_k, self.total, *self.rope],
+            self.attrs,
+            dtypes=(q.dtype, past_k.dtype, past_v.dtype),
+            shapes=(q.shape, past_k.shape, past_v.shape),
+            version=1,
+        )
+        self.presents += [new_k, new_v]
+        return y  # [B, S, H*D]
+
+
+class ConcatKernel:
+    """Attention in standard ops: present = past ++ new, rotary applied explicitly, KV heads repeated for the scores."""
+
+    def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, S: int) -> None:
+        c = self.c = model.config
+        self.past = past
+        self.cos = self.sin = None
+        if c.positions == "rope":
+            self.cos = F.embedding(position_ids, model.rope_cos).unsqueeze(1)  # [B, 1, S, D/2]: a Gather
+            self.sin = F.embedding(position_ids, model.rope_sin).unsqueeze(1)
+        # Bottom-right causal mask: new token i sits at cache index P + i and sees keys 0..P+i
+        # that the attention mask marks real. Never is_causal=True: it aligns top-left.
+        T = attention_mask.shape[1]
+        keys = torch.arange(T, device=attention_mask.device)  # [T]
+        queries = torch.arange(S, device=attention_mask.device) + (T - S)  # [S]
+        self.allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+        self.presents: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        B, S, _ = q.shape
+        q = q.view(B, S, c.n_head, c.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if self.cos is not None:
+            q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        k = torch.cat([self.past[2 * layer], k], dim=2)  # [B, Hkv, T, D]
+        v = torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.presents += [k, v]
+        group = c.n_head // c.n_kv_head
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, T, D]
+        scores = (q * (1.0 / c.head_dim**0.5)) @ k.transpose(2, 3)  # [B, H, S, T]
+        probs = scores.masked_fill(~self.allowed, torch.finfo(q.dtype).min).softmax(dim=-1)
+        return (probs @ v).transpose(1, 2).reshape(B, S, c.n_head * c.head_dim)  # [B, S, H*D]
+
+
+def _logits(model: GPT, h: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+    """Logits [B, K, V] for the K positions in `logits_index` [B, K] only.
+
+    2-D F.linear on the [V, C] head exports as Gemm(transB=1): a tied matrix is stored once.
+    """
+    B, K = logits_index.shape
+    C = h.shape[-1]
+    h = h.gather(1, logits_index.unsqueeze(-1).expand(B, K, C))  # [B, K, C]
+    return model.head(h.reshape(B * K, C)).reshape(B, K, -1)
+
+
+class InplaceGraph(nn.Module):
+    """inputs: input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, past_* (see bundle.py)."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
-        self.config = model.config
-
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        tr = self.model.transformer
-        return tr.wte(input_ids) + tr.wpe(position_ids)  # [B, S, C]
-
-    @staticmethod
-    def mlp(block: Block, x: torch.Tensor) -> torch.Tensor:
-        return x + block.mlp(block.ln_2(x))
-
-    def head(self, x: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm and logits for the K positions in `logits_index` [B, K] only."""
-        h = self.model.transformer.ln_f(x)  # [B, S, C]
-        B, K = logits_index.shape
-        C = h.shape[-1]
-        h = h.gather(1, logits_index.unsqueeze(-1).expand(B, K, C))  # [B, K, C]
-        # 2-D F.linear on the embedding table exports as Gemm(transB=1): the tied weight is stored once.
-        logits = F.linear(h.reshape(B * K, C), self.model.transformer.wte.weight)  # [B*K, V]
-        return logits.reshape(B, K, -1)
-
-
-class InplaceGraph(_GraphBase):
-    """inputs: input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, past_* (see bundle.py)."""
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, S] int64
-        position_ids: torch.Tensor,  # [B, S] int64
+        position_ids: torch.Tensor,  # [B, S] int64 (rotary models: unused, GroupQueryAttention derives positions)
         seqlens_k: torch.Tensor,  # [B] int32: tokens in the cache after this call - 1
         total_sequence_length: torch.Tensor,  # [] int32
         logits_index: torch.Tensor,  # [B, K] int64
         *past: torch.Tensor,  # 2 * n_layer of [B, Hkv, capacity, D]
     ) -> tuple[torch.Tensor, ...]:
-        c = self.config
-        x = self.embed(input_ids, position_ids)
-        presents: list[torch.Tensor] = []
-        for i, block in enumerate(self.model.transformer.h):
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(c.n_embd, dim=2)  # each [B, S, C]
-            past_k, past_v = past[2 * i], past[2 * i + 1]
-            y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
-                "com.microsoft::GroupQueryAttention",
-                [q, k, v, past_k, past_v, seqlens_k, total_sequence_length],
-                dict(num_heads=c.n_head, kv_num_heads=c.n_head, scale=1.0 / c.head_dim**0.5),
-                dtypes=(q.dtype, past_k.dtype, past_v.dtype),
-                shapes=(q.shape, past_k.shape, past_v.shape),
-                version=1,
-            )
-            x = self.mlp(block, x + attn.c_proj(y))
-            presents += [new_k, new_v]
-        return (self.head(x, logits_index), *presents)
+        kernel = GroupQueryKernel(self.model, past, seqlens_k, total_sequence_length)
+        h = self.model.blocks(self.model.embed(input_ids, position_ids), kernel)
+        return (_logits(self.model, h, logits_index), *kernel.presents)
 
 
-class ConcatGraph(_GraphBase):
-    """inputs: input_ids, position_ids, attention_mask [B, P+S], logits_index, past_* [B, H, P, D]."""
+class ConcatGraph(nn.Module):
+    """inputs: input_ids, position_ids, attention_mask [B, P+S], logits_index, past_* [B, Hkv, P, D]."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
 
     def forward(
         self,
@@ -113,30 +160,11 @@ class ConcatGraph(_GraphBase):
         position_ids: torch.Tensor,  # [B, S] int64
         attention_mask: torch.Tensor,  # [B, P+S] int64, 1 = real token
         logits_index: torch.Tensor,  # [B, K] int64
-        *past: torch.Tensor,  # 2 * n_layer of [B, H, P, D]
+        *past: torch.Tensor,  # 2 * n_layer of [B, Hkv, P, D]
     ) -> tuple[torch.Tensor, ...]:
-        c = self.config
-        B, S = input_ids.shape
-        x = self.embed(input_ids, position_ids)
-        # Bottom-right causal mask: new token i sits at cache index P + i and sees keys 0..P+i
-        # that the attention mask marks real. Never is_causal=True: it aligns top-left.
-        T = attention_mask.shape[1]
-        keys = torch.arange(T, device=x.device)  # [T]
-        queries = torch.arange(S, device=x.device) + (T - S)  # [S]
-        allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
-        blocked = torch.finfo(x.dtype).min
-        presents: list[torch.Tensor] = []
-        for i, block in enumerate(self.model.transformer.h):
-            attn = block.attn
-            q, k, v = attn.split_heads(block.ln_1(x))  # each [B, H, S, D]
-            k = torch.cat([past[2 * i], k], dim=2)  # [B, H, T, D]
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            scores = (q * (1.0 / c.head_dim**0.5)) @ k.transpose(2, 3)  # [B, H, S, T]
-            probs = scores.masked_fill(~allowed, blocked).softmax(dim=-1)
-            y = (probs @ v).transpose(1, 2).reshape(B, S, c.n_embd)  # [B, S, C]
-            x = self.mlp(block, x + attn.c_proj(y))
-            presents += [k, v]
-        return (self.head(x, logits_index), *presents)
+        kernel = ConcatKernel(self.model, past, position_ids, attention_mask, input_ids.shape[1])
+        h = self.model.blocks(self.model.embed(input_ids, position_ids), kernel)
+        return (_logits(self.model, h, logits_index), *kernel.presents)
 
 
 def graph_names(kv: str, n_layer: int) -> tuple[list[str], list[str]]:
@@ -152,7 +180,7 @@ def example_inputs(kv: str, model: GPT, dtype: torch.dtype) -> tuple[torch.Tenso
     c = model.config
     B, S, K, P = 2, 5, 3, 7  # P: KV capacity ("inplace") or past length ("concat")
     ids = torch.zeros(B, S, dtype=torch.long)
-    past = tuple(torch.zeros(B, c.n_head, P, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layer))
+    past = tuple(torch.zeros(B, c.n_kv_head, P, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layer))
     if kv == "inplace":
         extra: tuple[torch.Tensor, ...] = (torch.full((B,), S - 1, dtype=torch.int32), torch.tensor(S, dtype=torch.int32))
     else:

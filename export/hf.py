@@ -1,15 +1,11 @@
-"""A local Hugging Face GPT-2 folder -> `gptedge.train.model.GPT` + a tokenizer. Nothing is downloaded.
+"""A local Hugging Face model folder -> `gptedge.train.model.GPT` + its tokenizer. Nothing is downloaded.
 
 Reads what `save_pretrained` writes: config.json, weights (model.safetensors,
-pytorch_model.bin, or their sharded `.index.json` forms) and tokenizer files
-(tokenizer.json, or the slow tokenizer's vocab.json + merges.txt, converted here
-the way transformers' GPT2Converter does). `transformers` itself is not needed.
-
-GPT-2 stores its projections as Conv1D, weight [in, out]; ours are nn.Linear,
-[out, in], so those four matrices per layer are transposed. Config flags that
-change the arithmetic in ways our GPT does not implement are refused rather than
-silently ignored: a model that exports but computes something else is worse than
-an error.
+pytorch_model.bin, or their sharded `.index.json` forms), tokenizer files (tokenizer.json
+as it is, or the slow tokenizer's vocab.json + merges.txt, converted here the way
+transformers' GPT2Converter does), generation_config.json and the chat template.
+`transformers` itself is not needed. Which model types are supported, and how each maps
+onto `GPT`, is the data in `gptedge.export.hf_families`.
 """
 
 from __future__ import annotations
@@ -23,21 +19,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from gptedge.errors import CheckpointError
+from gptedge.export.hf_families import FAMILIES, HFFamily, WeightMap, supported
 from gptedge.train.model import GPT, GPTConfig
 
-SUPPORTED_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
-ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
-# HF activation name -> nn.GELU(approximate=...). gelu_fast is the same tanh formula written differently.
-ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-# Flags whose non-default value changes the computation: (name, value our GPT implements, default if absent).
-REQUIRED_FLAGS = (
-    ("scale_attn_weights", True, True),
-    ("scale_attn_by_inverse_layer_idx", False, False),
-    ("reorder_and_upcast_attn", False, False),
-    ("add_cross_attention", False, False),
-)
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved; not weights
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
@@ -51,6 +35,7 @@ class HFSource:
     generation_defaults: dict[str, Any]
     weight_files: list[Path] = field(default_factory=list)
     model_type: str = "gpt2"
+    chat_template: str | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -77,42 +62,33 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def model_type(hf: dict[str, Any]) -> str:
     mt = hf.get("model_type")
-    if mt is None and set(hf.get("architectures") or []) & ARCHITECTURES:
-        mt = "gpt2"
+    if mt is None:
+        archs = set(hf.get("architectures") or [])
+        mt = next((name for name, fam in FAMILIES.items() if archs & set(fam.architectures)), None)
     return str(mt)
 
 
-def gpt_config(hf: dict[str, Any], where: Path) -> GPTConfig:
-    """Our GPTConfig for a transformers GPT-2 config, or a CheckpointError naming what cannot be mapped."""
+def family(hf: dict[str, Any], where: Path) -> HFFamily:
     mt = model_type(hf)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
-        raise CheckpointError(f"{where}: model_type {mt!r} is not supported; gptedge exports these Hugging Face model types: {supported}")
+    if mt not in FAMILIES:
+        raise CheckpointError(f"{where}: model_type {mt!r} is not supported; gptedge exports these Hugging Face model types: "
+                              f"{supported()}")
+    fam = FAMILIES[mt]
     archs = set(hf.get("architectures") or [])
-    if archs and not archs & ARCHITECTURES:
-        raise CheckpointError(f"{where}: architectures {sorted(archs)} is not a GPT-2 language model; export a GPT2LMHeadModel")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
-        raise CheckpointError(
-            f"{where}: activation_function {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
-        )
-    for name, wanted, default in REQUIRED_FLAGS:
-        if hf.get(name, default) != wanted:
-            raise CheckpointError(f"{where}: {name}={hf.get(name)!r} is not supported (gptedge's GPT computes {name}={wanted}); this model cannot be exported")
+    if archs and not archs & set(fam.architectures):
+        raise CheckpointError(f"{where}: architectures {sorted(archs)} is not a {mt} language model; export a "
+                              f"{fam.architectures[0]}")
+    return fam
+
+
+def gpt_config(hf: dict[str, Any], where: Path) -> GPTConfig:
+    """Our GPTConfig for a transformers config, or a CheckpointError naming what cannot be mapped."""
+    fam = family(hf, where)
     try:
-        n_embd, n_layer, n_head = int(hf.get("n_embd", 768)), int(hf.get("n_layer", 12)), int(hf.get("n_head", 12))
-        n_inner = hf.get("n_inner")
-        if n_inner is not None and int(n_inner) != 4 * n_embd:
-            raise CheckpointError(f"{where}: n_inner={n_inner} is not supported (gptedge's MLP is 4 * n_embd = {4 * n_embd} wide)")
-        return GPTConfig(
-            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            vocab_size=int(hf.get("vocab_size", 50257)),
-            n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True,
-            gelu_approximate=ACTIVATIONS[activation],
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: config.json has invalid sizes ({exc}); restore the file") from exc
+        return GPTConfig(dropout=0.0, **fam.config(hf, where))
+    except (TypeError, ValueError, KeyError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(f"{where}: config.json has invalid sizes or settings ({detail}); restore the file") from exc
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -149,53 +125,51 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig, tied: bool, where: Path) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names and Conv1D layouts -> `GPT.state_dict()` names and nn.Linear layouts (fp32)."""
-    out: dict[str, torch.Tensor] = {}
-    head = None
+def convert_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig, wmap: WeightMap,
+                       expected: dict[str, tuple[int, ...]], where: Path) -> dict[str, torch.Tensor]:
+    """HF names and layouts -> `GPT.state_dict()` names and layouts (fp32), following `wmap`.
+
+    `expected` holds our names and shapes. Every HF tensor must be used and every one of ours made.
+    """
+    state = {}
     for name, tensor in hf_state.items():
-        if name == "lm_head.weight":
-            head = tensor
+        if name.endswith(wmap.ignored):
             continue
-        key = name.removeprefix("transformer.")
-        if key.endswith(BUFFERS):
+        state[name.removeprefix(wmap.base) if name != "lm_head.weight" else name] = tensor
+    sources: dict[str, tuple[str, ...]] = {k: (v,) for k, v in wmap.globals.items()}
+    sources["lm_head.weight"] = ("lm_head.weight",)
+    for i in range(config.n_layer):
+        for ours, theirs in wmap.per_layer.items():
+            sources[f"transformer.h.{i}.{ours}"] = tuple(wmap.layer.format(i=i) + t for t in theirs)
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for key in expected:
+        names = sources.get(key, ())
+        if not names or any(n not in state for n in names):
+            missing += [n for n in names if n not in state] or [key]
             continue
-        tensor = tensor.to(torch.float32)
-        if key.endswith(CONV1D):
+        parts = [state[n].to(torch.float32) for n in names]
+        tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if key.endswith(wmap.transposed):
             tensor = tensor.t()
-        out[f"transformer.{key}"] = tensor.contiguous()
-    expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(out))
-    extra = sorted(set(out) - set(expected))
-    wrong = sorted(k for k in set(out) & set(expected) if tuple(out[k].shape) != expected[k])
+        out[key] = tensor.contiguous()
+    used = {n for key in expected for n in sources.get(key, ())}
+    head = state.get("lm_head.weight")
+    extra = sorted(set(state) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    wrong = sorted(k for k in out if tuple(out[k].shape) != expected[k])
     if missing or extra or wrong:
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys
+            for label, keys in (("missing", missing), ("unexpected", extra),
+                                ("wrong shape", [f"{k} {tuple(out[k].shape)} (config.json implies {expected[k]})" for k in wrong]))
+            if keys
         )
-        raise CheckpointError(f"{where}: the weights do not match config.json as a GPT-2 ({detail}); the folder is damaged or not a GPT2LMHeadModel")
-    wte = out["transformer.wte.weight"]
-    if head is not None and not torch.equal(head.to(torch.float32), wte):
-        raise CheckpointError(f"{where}: lm_head.weight differs from the token embedding; gptedge's GPT ties them, so this model cannot be exported")
-    if head is None and not tied:
-        raise CheckpointError(f"{where}: tie_word_embeddings is false but no lm_head.weight was saved; the checkpoint is incomplete")
+        raise CheckpointError(f"{where}: the weights do not match config.json ({detail}); the folder is damaged, or its "
+                              "config.json belongs to another model")
+    if config.tie_embeddings and head is not None and not torch.equal(head.to(torch.float32), out["transformer.wte.weight"]):
+        raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the token embedding; "
+                              "set tie_word_embeddings to false in config.json if the head is its own matrix")
     return out
-
-
-def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
-    C, V, T = c.n_embd, c.vocab_size, c.block_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C),
-                                          "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
-    for i in range(c.n_layer):
-        p = f"transformer.h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
-        })
-    return shapes
 
 
 def _token_text(value: Any) -> str | None:
@@ -258,10 +232,39 @@ def special_tokens(folder: Path, hf: dict[str, Any], tok: Tokenizer, vocab_size:
     return out
 
 
-def load_hf_gpt2(folder: str | Path) -> HFSource:
-    """Read a local transformers GPT-2 folder into our GPT (fp32, eval) with its tokenizer and special tokens."""
+def chat_template(folder: Path) -> str | None:
+    """The Jinja chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (text only)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if (folder / "tokenizer_config.json").is_file():
+        template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):  # several named templates: the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if isinstance(named.get("default"), str):
+                return named["default"]
+    return None
+
+
+def generation(folder: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """Sampling defaults and every stop id (eos_token_id may be a list: Llama 3 stops on any of three)."""
+    raw = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    defaults = {k: raw[k] for k in GENERATION_KEYS if k in raw}
+    value = raw.get("eos_token_id", hf.get("eos_token_id"))  # generation_config.json wins, as in transformers
+    stops: list[int] = []
+    for tid in value if isinstance(value, list) else [value]:
+        if isinstance(tid, int) and not isinstance(tid, bool) and tid not in stops:
+            stops.append(tid)
+    return defaults, stops
+
+
+def load_hf(folder: str | Path) -> HFSource:
+    """Read a local transformers folder of a supported model type into our GPT (fp32, eval) with its tokenizer."""
     folder = Path(folder)
     hf = _read_json(folder / "config.json")
+    fam = family(hf, folder)
     config = gpt_config(hf, folder)
     tok, tok_file = load_tokenizer(folder)
     if tok.get_vocab_size(with_added_tokens=True) > config.vocab_size:
@@ -273,18 +276,22 @@ def load_hf_gpt2(folder: str | Path) -> HFSource:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(_load_file(f))
-    weights = convert_state_dict(state, config, bool(hf.get("tie_word_embeddings", True)), folder)
-    with torch.device("meta"):  # no random init of weights that are about to be replaced (seconds for GPT-2 sizes)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced (seconds for 100M+ models)
         model = GPT(config)
-    model.load_state_dict(weights, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's parameter: tie the head again
+    skip = {"lm_head.weight"} if config.tie_embeddings else set()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
+    weights = convert_state_dict(state, config, fam.weights, expected, folder)
+    model.load_state_dict(weights, strict=not skip, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's parameter: tie the head again
+    model.build_rope()  # derived tables were built on the meta device
     model.eval().requires_grad_(False)
-    gen: dict[str, Any] = {}
-    if (folder / "generation_config.json").is_file():
-        raw = _read_json(folder / "generation_config.json")
-        gen = {k: raw[k] for k in GENERATION_KEYS if k in raw}
+    gen, stops = generation(folder, hf)
+    specials = special_tokens(folder, hf, tok, config.vocab_size)
+    stops = [t for t in stops if 0 <= t < config.vocab_size]
+    if len(stops) > 1:
+        specials["stop_ids"] = stops
     return HFSource(
-        model=model, tokenizer=tok, tokenizer_file=tok_file,
-        special_tokens=special_tokens(folder, hf, tok, config.vocab_size),
-        generation_defaults=gen, weight_files=files, model_type=model_type(hf),
+        model=model, tokenizer=tok, tokenizer_file=tok_file, special_tokens=specials,
+        generation_defaults=gen, weight_files=files, model_type=model_type(hf), chat_template=chat_template(folder),
     )

@@ -120,7 +120,7 @@ class GraphRoles:
     embedding: str | None  # the Gather that reads input_ids
     embedding_weight: str | None
     tied: bool  # embedding and head read the same matrix
-    float_gathers: list[str] = field(default_factory=list)  # other constant-table Gathers (positions)
+    float_gathers: list[str] = field(default_factory=list)  # position tables: constant Gathers added to the embedding
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -167,17 +167,23 @@ def find_roles(model: onnx.ModelProto, spec: BundleSpec) -> GraphRoles:
             lm_head, weight = head.name, head.input[1]
 
     embedding = emb_weight = None
-    float_gathers = []
+    table_gathers = []
     blocks, others = [], []
     for node in model.graph.node:
         if node.op_type == "Gather" and node.input[0] in inits:
             if node.input[1] == spec.io.input_ids and list(inits[node.input[0]].dims) == [V, C]:
                 embedding, emb_weight = node.name, node.input[0]
             else:
-                float_gathers.append(node.name)
+                table_gathers.append(node)
         elif node.op_type == "MatMul" and node.name != lm_head:
             const = node.input[1] in inits and len(inits[node.input[1]].dims) == 2
             (blocks if const else others).append(node.name)
+    # A position table is a constant [rows, C] Gather whose rows are added to the token embedding's. Other
+    # constant Gathers (the rotary cos/sin tables of a concat graph) are arithmetic, not embeddings: never quantized.
+    emb_out = next((n.output[0] for n in model.graph.node if n.name == embedding), None)
+    adds = [n for n in model.graph.node if n.op_type == "Add" and emb_out in n.input]
+    float_gathers = [g.name for g in table_gathers if list(inits[g.input[0]].dims)[-1:] == [C]
+                     and any(g.output[0] in a.input for a in adds)]
     tied = embedding is not None and lm_head is not None and vc and emb_weight == weight
     if embedding is not None and lm_head is not None and not tied and weight is not None:
         head_w = numpy_helper.to_array(inits[weight])

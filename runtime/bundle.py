@@ -47,7 +47,7 @@ _MAX_DIM = 1 << 22
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # "gpt2": learned positions, pre-LayerNorm, GELU MLP, tied LM head
+    family: str  # a name for people ("gpt2", "llama", "qwen3", ...); the runtime never branches on it
     n_layer: int
     n_head: int
     n_kv_head: int
@@ -55,16 +55,21 @@ class Architecture:
     n_embd: int
     vocab_size: int
     context_length: int  # positions the model was trained for; the KV capacity ceiling
+    # The model-space point as the exporter saw it (positions, rope, norm, mlp, ...): shown by `info`, never read to run.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "family":
+            if f.name in ("family", "details"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAX_DIM:
                 raise BundleError(f"{SPEC_NAME}: architecture.{f.name}={value!r} is not a plausible size; the bundle is corrupt, re-export it")
-        if self.n_head * self.head_dim != self.n_embd:
-            raise BundleError(f"{SPEC_NAME}: n_head*head_dim != n_embd; the bundle is corrupt, re-export it")
+        if not isinstance(self.family, str) or not isinstance(self.details, dict):
+            raise BundleError(f"{SPEC_NAME}: architecture.family must be text and details an object; the bundle is corrupt, re-export it")
+        if self.n_head % self.n_kv_head:
+            raise BundleError(f"{SPEC_NAME}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}; "
+                              "the bundle is corrupt, re-export it")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class BundleSpec:
     verification: dict[str, Any] = field(default_factory=dict)  # measured diffs against PyTorch
     provenance: dict[str, Any] = field(default_factory=dict)  # source hash, tool versions, time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    chat_template: str | None = None  # the source model's Jinja chat template, as text (None: none shipped)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -154,12 +160,17 @@ class BundleSpec:
         for name in ("special_tokens", "generation_defaults", "verification", "provenance", "files"):
             if not isinstance(getattr(self, name), dict):
                 raise BundleError(f"{SPEC_NAME}: {name} must be a JSON object; the bundle is corrupt, re-export it")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise BundleError(f"{SPEC_NAME}: chat_template must be text or null; the bundle is corrupt, re-export it")
         if self.quantization is not None and not isinstance(self.quantization, dict):
             raise BundleError(f"{SPEC_NAME}: quantization must be a JSON object or null; the bundle is corrupt, re-export it")
         vocab = self.architecture.vocab_size
         for key, value in self.special_tokens.items():
-            if key.endswith("_id") and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab):
-                raise BundleError(f"{SPEC_NAME}: special_tokens.{key}={value!r} is not a token id in [0, {vocab}); re-export the bundle")
+            values = value if key == "stop_ids" and isinstance(value, list) else [value]
+            if key.endswith(("_id", "_ids")) and not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab for v in values):
+                raise BundleError(f"{SPEC_NAME}: special_tokens.{key}={value!r} is not a token id in [0, {vocab}) "
+                                  "(or a list of them); re-export the bundle")
         from gptedge.runtime.sampling import SamplingParams  # numpy only; imported here to keep this module light
 
         known = {f.name for f in fields(SamplingParams)}

@@ -277,6 +277,10 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
         f"defaults      {', '.join(f'{k}={v!r}' for k, v in spec.generation_defaults.items()) or 'none'}",
         f"format        version {spec.format_version}; checksums {'verified' if verified else 'not checked'}",
     ]
+    if a.details:
+        lines.insert(1, f"model         {_model_line(a.details)}")
+    if spec.chat_template:
+        lines.insert(-1, f"chat template {len(spec.chat_template)} characters (Jinja)")
     for title, data in (("quantization", spec.quantization), ("verification", spec.verification), ("provenance", spec.provenance)):
         lines.append(f"{title:<13} {'' if data else 'none'}".rstrip())
         lines += [f"  {key:<28} {value}" for key, value in _flat(data or {})]
@@ -284,6 +288,25 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
     lines += [f"  {name:<28} {_size(n):>10}" for name, n in sizes.items()]
     lines.append(f"  {'total':<28} {_size(sum(sizes.values())):>10}")
     return lines
+
+
+def _model_line(d: dict[str, Any]) -> str:
+    """'rope (theta 500000, llama3 x8), rmsnorm, swiglu 1536, tied head, q/k norm': the model-space point in one line."""
+    if d.get("positions") == "rope":
+        scaling = d.get("rope_scaling") or {}
+        extra = f", {scaling['type']}" + (f" x{scaling['factor']:g}" if "factor" in scaling else "") if scaling else ""
+        parts = [f"rope (theta {d.get('rope_theta', 0):g}{extra})"]
+    else:
+        parts = [f"{d.get('positions', '?')} positions"]
+    parts += [str(d.get("norm", "?")), f"{d.get('mlp', '?')} {d.get('intermediate_size', '?')}",
+              "tied head" if d.get("tie_embeddings", True) else "untied head"]
+    biases = [name for name in ("qkv", "proj", "mlp") if d.get(f"{name}_bias")]
+    parts.append(f"biases on {', '.join(biases)}" if biases else "no biases")
+    if d.get("qk_norm"):
+        parts.append("q/k norm")
+    if d.get("sliding_window"):
+        parts.append(f"sliding window {d['sliding_window']}")
+    return ", ".join(parts)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

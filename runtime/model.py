@@ -143,6 +143,12 @@ class Model:
     def eos_id(self) -> int | None:
         return self.spec.special_tokens.get("eos_id")
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generation by default: the bundle's stop ids (Llama 3 has three), else its eos."""
+        ids = self.spec.special_tokens.get("stop_ids") or ([] if self.eos_id is None else [self.eos_id])
+        return tuple(ids)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special tokens added)."""
         if not isinstance(text, str):
@@ -174,7 +180,7 @@ class Model:
     def sampling_params(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
         """SamplingParams from the bundle's generation defaults, then `params`, then keyword overrides.
 
-        Stop token ids default to the bundle's eos id. Unknown keywords raise UsageError.
+        Stop token ids default to the bundle's stop ids (its eos). Unknown keywords raise UsageError.
         """
         unknown = sorted(set(overrides) - _PARAM_NAMES)
         if unknown:
@@ -182,8 +188,8 @@ class Model:
         if params is not None and not isinstance(params, SamplingParams):
             raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
         base: dict[str, Any] = {k: v for k, v in self.spec.generation_defaults.items() if k in _PARAM_NAMES}
-        if self.eos_id is not None:
-            base.setdefault("stop_token_ids", (self.eos_id,))
+        if self.stop_ids:
+            base.setdefault("stop_token_ids", self.stop_ids)
         if params is not None:
             base.update({f.name: getattr(params, f.name) for f in fields(SamplingParams)})
         base.update(overrides)

@@ -240,7 +240,7 @@ BUNDLE_CASES = [
     ("no-architecture", drop("architecture"), None, "missing or has unexpected fields"),
     ("n-layer-str", put("architecture.n_layer", "2"), None, "not a plausible size"),
     ("n-layer-0", put("architecture.n_layer", 0), None, "not a plausible size"),
-    ("n-embd-mismatch", put("architecture.n_embd", 65), None, "n_head*head_dim != n_embd"),
+    ("n-kv-head-mismatch", put("architecture.n_kv_head", 3), None, "is not a multiple of n_kv_head=3"),
     ("dtype-int3", put("dtype", "int3"), None, "dtype 'int3' is not one of"),
     ("target-tpu", put("target", "tpu"), None, "target 'tpu' is not one of"),
     ("kv-update-ring", put("kv_cache.update", "ring"), None, "kv_cache.update 'ring'"),

@@ -274,12 +274,12 @@ def test_refuses_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
 
 
 def test_refuses_unsupported_model_type(tmp_path: Path) -> None:
-    src = tmp_path / "llama"
+    src = tmp_path / "mamba"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match=r"model_type 'llama' is not supported.*gpt2 \(GPT2LMHeadModel\)"):
+    (src / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"model_type 'mamba' is not supported.*gpt2 \(GPT2LMHeadModel\).*llama"):
         export_bundle(src, tmp_path / "out", progress=False)
-    assert_nothing_written(tmp_path, {"llama"})
+    assert_nothing_written(tmp_path, {"mamba"})
 
 
 def test_refuses_checkpoint_without_tokenizer(ckpt: Path, tmp_path: Path) -> None:

@@ -143,13 +143,13 @@ BASE = dict(model_type="gpt2", vocab_size=VOCAB, n_positions=64, n_embd=48, n_la
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, r"model_type 'llama' is not supported; .*gpt2 \(GPT2LMHeadModel\)"),
+    ({"model_type": "mamba"}, r"model_type 'mamba' is not supported; .*gpt2 \(GPT2LMHeadModel\)"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
     ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn=True is not supported"),
     ({"scale_attn_weights": False}, "scale_attn_weights=False is not supported"),
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported; supported: gelu_new"),
-    ({"n_inner": 100}, "n_inner=100 is not supported"),
-    ({"architectures": ["GPT2ForSequenceClassification"]}, "not a GPT-2 language model"),
+    ({"n_inner": "wide"}, "n_inner='wide' is not an integer"),
+    ({"architectures": ["GPT2ForSequenceClassification"]}, "not a gpt2 language model"),
 ])
 def test_refuses_unsupported_configs(change: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=message):
@@ -162,21 +162,26 @@ def test_maps_config(activation: str, approximate: str, tmp_path: Path) -> None:
     assert (c.block_size, c.vocab_size, c.n_head, c.gelu_approximate, c.layer_norm_epsilon) == (64, VOCAB, 3, approximate, 1e-6)
 
 
-def test_refuses_untied_head_and_foreign_tokenizer(tmp_path: Path) -> None:
+def test_untied_head_loads_as_its_own_matrix_and_foreign_tokenizer_is_refused(tmp_path: Path) -> None:
     untied = save_hf(tmp_path / "untied", seed=0, slow_tokenizer=False, safetensors=True, n_embd=48, n_layer=1, n_head=3,
-                     tie_word_embeddings=False)
-    with pytest.raises(CheckpointError, match="lm_head.weight differs from the token embedding"):
-        hf.load_hf_gpt2(untied)
+                     tie_word_embeddings=False, n_inner=100)
+    model = hf.load_hf(untied).model
+    reference = transformers.GPT2LMHeadModel.from_pretrained(untied).eval()
+    assert not model.config.tie_embeddings and model.config.intermediate_size == 100
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0], reference(ids).logits, atol=1e-5)
     small = tmp_path / "small"
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(small)
     small_bpe().save(str(small / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="the tokenizer has .* tokens but the model only 20 embeddings"):
-        hf.load_hf_gpt2(small)
+        hf.load_hf(small)
     (small / "model.safetensors").unlink()
     (small / "config.json").write_text(json.dumps({**BASE, "vocab_size": 200}))
     with pytest.raises(CheckpointError, match="has no weights"):
-        hf.load_hf_gpt2(small)
+        hf.load_hf(small)
 
 
 def test_missing_tokenizer_files(tmp_path: Path) -> None:

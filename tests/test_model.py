@@ -121,10 +121,10 @@ def test_config_validation(kwargs: dict, message: str) -> None:
 
 def test_sequence_longer_than_block_size_is_refused() -> None:
     m = GPT(GPTConfig(block_size=4, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
-    with pytest.raises(ValueError, match="exceeds block_size 4"):
+    with pytest.raises(ValueError, match="exceeds the model.s context 4"):
         m(torch.zeros(1, 5, dtype=torch.long))
     _, _, past = m(torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="exceeds block_size 4"):
+    with pytest.raises(ValueError, match="exceeds the model.s context 4"):
         m(torch.zeros(1, 2, dtype=torch.long), past_kv=past)
 
 

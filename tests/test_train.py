@@ -269,7 +269,7 @@ def test_presets_resolve_and_unknown_preset_lists_them() -> None:
         assert cfg.block_size == PRESETS[name]["block_size"] and cfg.steps >= 1 and cfg.n_embd % cfg.n_head == 0
     cfg, _ = resolve_config(TrainConfig(out="x", preset="tiny", steps=3, block_size=32))
     assert (cfg.steps, cfg.block_size, cfg.n_layer) == (3, 32, 2)  # explicit options win over the preset
-    with pytest.raises(UsageError, match="unknown preset 'huge'; choose one of: tiny, small, gpt2"):
+    with pytest.raises(UsageError, match="unknown preset 'huge'; choose one of: tiny, small, tiny-llama, small-llama, gpt2"):
         get_preset("huge")
 
 
@@ -321,7 +321,7 @@ def _bad_input(kind: str, tmp: Path, corpus: Path, ckpt: Path) -> tuple[list[str
         (tmp / "short.txt").write_text("print('hello world')\n" * 20)
         return [str(tmp / "short.txt"), "--block-size", "64"], "block size 64 is larger than the data"
     if kind == "unknown preset":
-        return [str(corpus), "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, small, gpt2"
+        return [str(corpus), "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, small, tiny-llama"
     if kind == "incompatible resume":
         return [str(corpus), "--resume", str(ckpt), "--preset", "small"], "incompatible model shape"
     if kind == "pickle in trainer state":

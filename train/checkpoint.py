@@ -1,6 +1,7 @@
 """Checkpoint folders: safetensors weights + JSON config + tokenizer.json + trainer state.
 
-    CKPT/model.safetensors   weights; the tied lm_head/wte matrix stored once (as transformer.wte.weight)
+    CKPT/model.safetensors   weights; a tied lm_head/wte matrix stored once (as transformer.wte.weight),
+                             an untied head as lm_head.weight
     CKPT/config.json         {"format": "gptedge-checkpoint", "version": 1, "model": ..., "train": ..., "step": ...}
     CKPT/tokenizer.json      the tokenizer the model was trained with
     CKPT/trainer_state.pt    optimizer, RNG and data-sampler state for exact resuming
@@ -28,7 +29,7 @@ from gptedge.train.model import GPT, GPTConfig
 FORMAT = "gptedge-checkpoint"
 VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE = "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"
-TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; saved once
+TIED = "lm_head.weight"  # same tensor as transformer.wte.weight when the head is tied; then saved once
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -59,9 +60,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to save: contiguous CPU tensors, the tied head left out (safetensors refuses shared storage)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
+def _skip(config: GPTConfig) -> set[str]:
+    """State-dict keys not saved: a tied head is the embedding's tensor (safetensors refuses shared storage)."""
+    return {TIED} if config.tie_embeddings else set()
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict to save: contiguous CPU tensors, a tied head left out."""
+    skip = _skip(model.config)
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in skip}
 
 
 def save_checkpoint(
@@ -91,7 +98,7 @@ def save_checkpoint(
 
 def _check_shapes(file: Path, have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
     missing = sorted(set(expected) - set(have))
-    extra = sorted(set(have) - set(expected) - {TIED})
+    extra = sorted(set(have) - set(expected))
     wrong = sorted(k for k in set(expected) & set(have) if tuple(have[k]) != tuple(expected[k]))
     if missing or extra or wrong:
         detail = "; ".join(
@@ -120,7 +127,7 @@ def check_weight_shapes(config: GPTConfig, path: str | Path) -> None:
     except (SafetensorError, OSError) as exc:
         raise _open_error(file, exc) from exc
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != TIED}
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k not in _skip(config)}
     _check_shapes(file, have, expected)
 
 
@@ -131,11 +138,11 @@ def load_weights(model: GPT, path: str | Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise _open_error(file, exc) from exc
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED}
+    skip = _skip(model.config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
     _check_shapes(file, {k: tuple(v.shape) for k, v in state.items()}, expected)
-    state.pop(TIED, None)
-    # strict=True would demand lm_head.weight; it is wte's tensor, and the in-place copy keeps the tie.
-    model.load_state_dict(state, strict=False)
+    # A tied lm_head.weight is wte's tensor: strict=True would demand it, and the in-place copy keeps the tie.
+    model.load_state_dict(state, strict=not skip)
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
     parser.add_argument("--preset", metavar="NAME",
                         help="model size with matching training settings: tiny (seconds, for tests), small (minutes on a "
-                             "laptop CPU; default), gpt2 (124M, for GPUs)")
+                             "laptop CPU; default), gpt2 (124M, for GPUs); tiny-llama and small-llama are the same "
+                             "sizes as Llama-style models (rotary positions, RMSNorm, SwiGLU, grouped KV heads)")
     parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps of the whole run (default: the preset's)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass on each process (default: the preset's)")
     parser.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches accumulated into one step (default: the preset's)")

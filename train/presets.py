@@ -24,6 +24,14 @@ COMMON: dict[str, Any] = {
     "seed": 1337,
 }
 
+# A Llama-style point of GPTConfig's space: rotary positions, RMSNorm, SwiGLU, grouped KV heads, no biases.
+# The MLP is ~8/3 as wide as the residual stream (rounded to a multiple of 16) so that SwiGLU's three
+# matrices cost what GPT-2's two 4x-wide ones do.
+def llama_style(n_embd: int, n_kv_head: int) -> dict[str, Any]:
+    return dict(positions="rope", rope_theta=10000.0, norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=n_kv_head,
+                intermediate_size=16 * round(8 * n_embd / 3 / 16), layer_norm_epsilon=1e-5)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and a quick look: trains on the stdlib corpus in seconds on 2 CPU cores.
     "tiny": dict(
@@ -34,6 +42,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For the demo: about two minutes on 2 CPU cores, validation loss far below the unigram baseline.
     "small": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=2048,
+        batch_size=16, steps=300, lr=2e-3, finetune_lr=3e-4, warmup=30, eval_every=100,
+        stdlib_bytes=3_000_000,
+    ),
+    # The "tiny" and "small" sizes as Llama-style models (two query heads per KV head).
+    "tiny-llama": dict(
+        n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512, architecture=llama_style(64, 1),
+        batch_size=32, steps=200, lr=3e-3, finetune_lr=1e-3, warmup=20, eval_every=50,
+        stdlib_bytes=500_000,
+    ),
+    "small-llama": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=2048, architecture=llama_style(128, 2),
         batch_size=16, steps=300, lr=2e-3, finetune_lr=3e-4, warmup=30, eval_every=100,
         stdlib_bytes=3_000_000,
     ),

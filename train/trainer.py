@@ -66,6 +66,8 @@ class TrainConfig:
     n_embd: int | None = None
     # Context length in tokens; also the length of each training window.
     block_size: int | None = None
+    # Model-space choices beyond the shape (positions, norm, mlp, n_kv_head, ...; see GPTConfig): the preset's.
+    architecture: dict[str, Any] | None = None
     # Tokenizer vocabulary to train (a small corpus may yield fewer tokens; the model takes the real size).
     vocab_size: int | None = None
     # Dropout while training; may change when fine-tuning (it is not part of the weights' shape).
@@ -183,6 +185,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--stop-after must be at least 1, not {cfg.stop_after}")
     if cfg.n_embd % cfg.n_head:
         raise UsageError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; change one of them")
+    try:
+        GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd, **(cfg.architecture or {}))
+    except ValueError as exc:
+        raise UsageError(f"the model these options describe is invalid ({exc}); with preset {cfg.preset!r} "
+                         "choose --n-head / --n-embd that fit its architecture") from None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -367,7 +375,7 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
         model = _with_dropout(ckpt.load_checkpoint(source)[0], cfg.dropout)
     else:
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=prep.vocab_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, **(cfg.architecture or {})))
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=True if device.type == "cuda" else None)
