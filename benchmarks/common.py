@@ -100,6 +100,19 @@ def emit(result: dict) -> None:
 # -- model folders ----------------------------------------------------------------------------
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+# Llama-family shapes on random weights: (a) sized like GPT-2 124M, (b) SmolLM2-135M's own shape.
+LLAMA_SHAPES = {
+    "llama-124m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                       intermediate_size=3072, vocab_size=50257, max_position_embeddings=1024, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+}
+
+
+def context_of(config) -> int:
+    """The trained context of a transformers config, GPT-2 or Llama naming."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -152,6 +165,22 @@ def make_random_gpt2(folder: Path, seed: int = 0, **shape) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["n_ctx"] = shape["n_positions"]  # llama.cpp's converter reads it
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_hf_tokenizer(synthetic_tokenizer(shape["vocab_size"]), folder)
+    return folder
+
+
+def make_random_llama(folder: Path, shape: dict, seed: int = 0) -> Path:
+    """A random-init LlamaForCausalLM (torch.manual_seed(seed)) saved with save_pretrained + a synthetic tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    eos = shape["vocab_size"] - 1
+    model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=eos, eos_token_id=eos)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
     save_hf_tokenizer(synthetic_tokenizer(shape["vocab_size"]), folder)
     return folder
 

@@ -1,10 +1,20 @@
-"""gptedge against its peers, same weights, one run: `python benchmarks/peers.py [--model gpt2-124m|demo]`.
+"""gptedge against its peers, same weights, one run: `python benchmarks/peers.py [--model NAME]`.
+
+Models: gpt2-124m (random GPT-2 small), demo (a trained gptedge checkpoint), llama-124m and
+smollm2-135m (random Llama-family weights: GPT-2-124M-sized, and SmolLM2-135M's shape).
 
 Prepares every artefact once (under benchmarks/.cache/), then measures each row in a
 fresh process, rows one after another and round-robin over `--runs` passes, and
 reports medians as a markdown table, JSON, and a PNG of decode tokens/s against
-position. Rows whose peer is not installed (optimum-onnx, onnxruntime-genai,
-llama-cpp-python) are listed as skipped, never faked.
+position. Rows whose peer is not installed (optimum-onnx, onnxruntime-genai and its model builder,
+llama-cpp-python, llama.cpp's own llama-bench) are listed as skipped, never faked.
+
+llama.cpp runs twice over the same GGUF files: through llama-cpp-python's generate() and through
+its own C++ loop (`llama-bench`, pp128 / tg128), built from the source vendored in the
+llama-cpp-python sdist. Point LLAMA_CPP_BUILD at that build folder (its bin/ holds llama-bench,
+llama-quantize and the shared libraries; llama-cpp-python then loads those via LLAMA_CPP_LIB_PATH).
+onnxruntime-genai's model builder needs a newer transformers than the tests pin: install one with
+`pip install --target benchmarks/.cache/genai-builder-site transformers` (used by the builder only).
 """
 
 from __future__ import annotations
@@ -20,10 +30,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import HERE, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, files_mb, make_random_gpt2
+from common import (HERE, LLAMA_SHAPES, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, files_mb, make_random_gpt2,
+                    make_random_llama)
 
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
+BUILDER_SITE = CACHE / "genai-builder-site"
+LLAMA_BUILD = Path(os.environ.get("LLAMA_CPP_BUILD", CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build"))
 
 
 @dataclass
@@ -118,11 +131,24 @@ def prepare_genai(optimum_dirs: dict[str, Path], hf_dir: Path, root: Path) -> di
     return out
 
 
+def prepare_genai_builder(hf_dir: Path, root: Path) -> dict[str, Path]:
+    """onnxruntime-genai's own model builder (python -m onnxruntime_genai.models.builder), CPU, its default options."""
+    out = {}
+    for precision in ("fp32", "int8", "int4"):
+        folder = root / f"genai-builder-{precision}"
+        if not (folder / "genai_config.json").exists():
+            _log(f"building with onnxruntime-genai's model builder: {precision}")
+            env = {**os.environ, "PYTHONPATH": str(BUILDER_SITE)}
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(folder),
+                            "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+        out[precision] = folder
+    return out
+
+
 def prepare_gguf(hf_dir: Path, root: Path) -> dict[str, Path]:
     """GGUF Q8_0 and Q4_0 through llama.cpp's own converter (vendored in the llama-cpp-python sdist)."""
     import glob
-
-    import llama_cpp
 
     converters = sorted(glob.glob(str(CACHE / "llama.cpp" / "convert_hf_to_gguf.py")))
     if not converters:
@@ -140,7 +166,12 @@ def prepare_gguf(hf_dir: Path, root: Path) -> dict[str, Path]:
                            check=True, env=env)
         out[outtype] = target
     q4 = root / "model-q4_0.gguf"
+    if not q4.exists() and (LLAMA_BUILD / "bin" / "llama-quantize").exists():
+        subprocess.run([str(LLAMA_BUILD / "bin" / "llama-quantize"), str(f32), str(q4), "Q4_0", str(THREADS)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not q4.exists():
+        import llama_cpp
+
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
         params.nthread = THREADS
@@ -153,8 +184,11 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
     root = CACHE / args.model
     skipped: list[str] = []
     eval_text = None
+    llama = args.model in LLAMA_SHAPES
     if args.model == "gpt2-124m":
         hf_dir = make_random_gpt2(root / "hf")
+    elif llama:
+        hf_dir = make_random_llama(root / "hf", LLAMA_SHAPES[args.model])
     else:
         from common import gptedge_checkpoint_to_hf
 
@@ -173,31 +207,64 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
                         sorted(opt["int8"].glob("model_quantized.onnx*"))))
         rows.append(Row("optimum-int8", "optimum", opt["int8"], sorted(opt["int8"].glob("model_quantized.onnx*")),
                         extra=["--file-name", "model_quantized.onnx"]))
-        if _have("onnxruntime_genai"):
+        if _have("onnxruntime_genai") and not llama:
             for kind, path in prepare_genai(opt, hf_dir, root).items():
                 rows.append(Row(f"genai-on-optimum-{kind}", "genai", path, [], note="hand-written genai_config, type llama"))
-        else:
-            skipped.append("onnxruntime-genai (not installed)")
     else:
         skipped.append("optimum rows (optimum-onnx not installed)")
-    if _have("llama_cpp"):
-        try:
-            for kind, path in prepare_gguf(hf_dir, root).items():
-                rows.append(Row(f"llamacpp-{kind}", "llamacpp", path, [path]))
-        except (RuntimeError, subprocess.CalledProcessError) as exc:
-            skipped.append(f"llama.cpp rows ({exc})")
-    else:
-        skipped.append("llama.cpp rows (llama-cpp-python not installed)")
+    if not _have("onnxruntime_genai"):
+        skipped.append("onnxruntime-genai (not installed)")
+    elif llama and not BUILDER_SITE.exists():
+        skipped.append(f"genai builder rows (no newer transformers in {BUILDER_SITE})")
+    elif llama:
+        for kind, path in prepare_genai_builder(hf_dir, root).items():
+            rows.append(Row(f"genai-builder-{kind}", "genai", path, [], note="onnxruntime-genai's model builder"))
+    try:
+        ggufs = prepare_gguf(hf_dir, root)
+    except (RuntimeError, subprocess.CalledProcessError, ImportError) as exc:
+        ggufs = {}
+        skipped.append(f"llama.cpp rows ({exc})")
+    if ggufs and (_have("llama_cpp") or (LLAMA_BUILD / "bin").exists()):
+        for kind, path in ggufs.items():
+            rows.append(Row(f"llamacpp-{kind}", "llamacpp", path, [path], note="llama-cpp-python"))
+    elif ggufs:
+        skipped.append("llama-cpp-python rows (not installed)")
+    bench = LLAMA_BUILD / "bin" / "llama-bench"
+    if ggufs and bench.exists():
+        for kind in ("q8_0", "q4_0"):
+            rows.append(Row(f"llama-bench-{kind}", "llama-bench", ggufs[kind], [ggufs[kind]], note="llama.cpp's own C++ loop"))
+    elif ggufs:
+        skipped.append(f"llama-bench rows (no {bench})")
     if args.rows:
         rows = [r for r in rows if any(r.name.startswith(p) for p in args.rows)]
     return rows, skipped, eval_text
 
 
+def run_llama_bench(row: Row) -> dict:
+    """llama.cpp's own benchmark: pp128 (prefill tok/s) and tg128 (decode tok/s) on the same GGUF, same threads."""
+    cmd = [str(LLAMA_BUILD / "bin" / "llama-bench"), "-m", str(row.artifact), "-p", str(PROMPT_LEN), "-n", str(NEW_TOKENS),
+           "-t", str(THREADS), "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    tests = json.loads(proc.stdout)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == PROMPT_LEN and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] == NEW_TOKENS and t["n_prompt"] == 0)
+    return {"load_s": None, "ttft_ms": 1000 * PROMPT_LEN / pp, "cold_ttft_ms": None, "decode_tps": tg,
+            "late_position": None, "late_decode_tps": None, "peak_rss_mb": None, "tokens": None, "prefill_tps": pp,
+            "curve": {"positions": [], "tps": [], "late_positions": [], "late_tps": []}}
+
+
 # -- measuring ------------------------------------------------------------------------------------
 
 def run_row(row: Row, long_position: int) -> dict:
+    if row.system == "llama-bench":
+        return run_llama_bench(row)
     cmd = [sys.executable, str(HERE / "row.py"), row.system, str(row.artifact), "--long-position", str(long_position), *row.extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    env = dict(os.environ)
+    if row.system == "llamacpp" and (LLAMA_BUILD / "bin" / "libllama.so").exists():
+        env["LLAMA_CPP_LIB_PATH"] = str(LLAMA_BUILD / "bin")  # the same build as llama-bench's
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] }")
@@ -205,37 +272,51 @@ def run_row(row: Row, long_position: int) -> dict:
 
 
 def summarize(name: str, runs: list[dict], row: Row, reference: list[int] | None) -> dict:
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    def med(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
     tps = [r["decode_tps"] for r in runs]
     tokens = runs[-1]["tokens"]
-    if reference is None:
+    if tokens is None:
+        agree = "-"
+    elif reference is None:
         agree = "reference"
     else:
         same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
         agree = f"{same}/{len(reference)}" if same == len(reference) else f"first {same}"
     artifact_mb = files_mb(row.files) if row.files else files_mb(p for p in row.artifact.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
     return {
-        "row": name, "load_s": med("load_s"), "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
+        "row": name, "note": row.note, "prefill_tps": med("prefill_tps"), "load_s": med("load_s"), "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
         "decode_tps": med("decode_tps"), "decode_tps_min": min(tps), "decode_tps_max": max(tps),
         "late_position": runs[-1]["late_position"], "late_decode_tps": med("late_decode_tps"),
         "peak_rss_mb": med("peak_rss_mb"), "model_mb": artifact_mb,
-        "tokens_vs_pytorch": agree, "n": len(runs), "note": row.note, "curve": runs[-1]["curve"],
+        "tokens_vs_pytorch": agree, "n": len(runs), "curve": runs[-1]["curve"],
     }
 
 
 def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
-    head = ("| row | load s | TTFT ms | cold TTFT ms | decode tok/s (min-max) | decode tok/s @ ~{late} | peak RSS MB | "
-            "model MB | ppl | tokens vs PyTorch | n |").format(late=results[0]["late_position"] if results else LONG_POSITION)
+    late = next((r["late_position"] for r in results if r.get("late_position")), LONG_POSITION)
+    head = (f"| row | load s | TTFT ms | cold TTFT ms | decode tok/s (min-max) | decode tok/s @ ~{late} | peak RSS MB | "
+            "model MB | ppl | tokens vs PyTorch | n |")
     lines = [head, "|" + "---|" * 11]
+
+    def f(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for r in results:
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "-"
+        ttft = f(r["ttft_ms"], ".0f") + (" (pp)" if r.get("prefill_tps") else "")
         lines.append(
-            f"| {r['row']} | {r['load_s']:.2f} | {r['ttft_ms']:.0f} | {r['cold_ttft_ms']:.0f} | **{r['decode_tps']:.1f}** "
-            f"({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {r['late_decode_tps']:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['model_mb']:.0f} | {ppl} | {r['tokens_vs_pytorch']} | {r['n']} |")
+            f"| {r['row']} | {f(r['load_s'], '.2f')} | {ttft} | {f(r['cold_ttft_ms'], '.0f')} | **{r['decode_tps']:.1f}** "
+            f"({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {f(r['late_decode_tps'], '.1f')} | "
+            f"{f(r['peak_rss_mb'], '.0f')} | {r['model_mb']:.0f} | {ppl} | {r['tokens_vs_pytorch']} | {r['n']} |")
     lines.append("")
     lines.append(f"Model: {meta['model']}; batch 1, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new greedy tokens, "
                  f"{THREADS} threads, medians of {meta['runs']} fresh-process runs; machine: {meta['machine']}.")
+    if any(r.get("prefill_tps") for r in results):
+        lines.append("llama-bench rows: decode is tg128; TTFT (pp) is 128 / pp128 tok/s, prefill alone (no sampling, "
+                     "no first decode step); llama-bench reports neither load time nor RSS.")
     if skipped:
         lines.append("Skipped: " + "; ".join(skipped) + ".")
     return "\n".join(lines) + "\n"
@@ -254,6 +335,8 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     colors = plt.cm.tab20.colors  # one distinct colour per row (the default cycle repeats after 10)
     for i, r in enumerate(results):
         c = r["curve"]
+        if not c["positions"]:
+            continue
         xs = c["positions"] + c["late_positions"]
         ys = c["tps"] + c["late_tps"]
         window = 8  # per-token times are noisy; a short moving median shows the trend
@@ -298,13 +381,26 @@ def add_perplexity(results: list[dict], rows: list[Row], eval_text: str | None) 
             r["ppl"] = Model.load(row.artifact, provider="cpu", threads=THREADS).perplexity(eval_text)
 
 
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("onnxruntime", "onnxruntime-genai", "torch", "transformers", "optimum-onnx", "llama-cpp-python"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["gpt2-124m", "demo"], default="gpt2-124m",
-                        help="gpt2-124m: random-init GPT-2 small shape; demo: a trained gptedge checkpoint (--checkpoint)")
+    parser.add_argument("--model", choices=["gpt2-124m", "demo", *LLAMA_SHAPES], default="gpt2-124m",
+                        help="gpt2-124m: random-init GPT-2 small shape; demo: a trained gptedge checkpoint (--checkpoint); "
+                             "llama-124m / smollm2-135m: random-init Llama-family shapes")
     parser.add_argument("--checkpoint", help="gptedge checkpoint folder for --model demo")
     parser.add_argument("--eval-text", help="held-out text file for perplexity (demo model)")
-    parser.add_argument("--methods", nargs="*", default=["int8-weight", "int8-dynamic", "int4-weight"],
+    parser.add_argument("--methods", nargs="*", default=None,
                         help="gptedge quantization recipes to include")
     parser.add_argument("--rows", nargs="*", help="only rows whose name starts with one of these")
     parser.add_argument("--runs", type=int, default=3, help="fresh-process runs per row (medians reported)")
@@ -313,6 +409,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.model == "demo" and not args.checkpoint:
         parser.error("--model demo needs --checkpoint")
+    if args.methods is None:  # int8-dynamic is a GPT-2-benchmark row; the Llama tables compare the weight-only recipes
+        args.methods = ["int8-weight", "int4-weight"] if args.model in LLAMA_SHAPES else [
+            "int8-weight", "int8-dynamic", "int4-weight"]
     rows, skipped, eval_text = build_rows(args)
     raw: dict[str, list[dict]] = {r.name: [] for r in rows}
     failed: dict[str, str] = {}
@@ -328,11 +427,13 @@ def main() -> None:
                 _log(str(exc))
     kept = [r for r in rows if raw[r.name] and r.name not in failed]
     reference = raw["pytorch-fp32"][-1]["tokens"] if raw.get("pytorch-fp32") else None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
     results = [summarize(r.name, raw[r.name], r, None if r.name == "pytorch-fp32" else reference) for r in kept]
     add_perplexity(results, kept, eval_text)
     skipped += [f"{name} (failed: {why})" for name, why in failed.items()]
     meta = {"model": args.model, "runs": args.runs, "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
+            "machine": f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "versions": versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"peers-{args.model}"
     table = markdown(results, skipped, meta)

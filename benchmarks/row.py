@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from common import (LONG_NEW_TOKENS, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, Timed, emit, peak_rss_mb,
-                    pin_threads, prompt_ids, rss_mb, timed)
+from common import (LONG_NEW_TOKENS, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, Timed, context_of, emit,
+                    peak_rss_mb, pin_threads, prompt_ids, rss_mb, timed)
 
 Stream = Callable[[list[int], int], Iterable[int]]  # (prompt ids, new tokens) -> token ids as they come
 
@@ -57,7 +57,9 @@ def load_naive_ort(artifact: Path) -> tuple[Stream, int, int]:
     sess = ort.InferenceSession(str(model_file), ort_session_options(), providers=["CPUExecutionProvider"])
     past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
     out_names = ["logits"] + [n.replace("past_key_values", "present") for n in past_names]
-    n_head, head_dim = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+    n_head = cfg.get("n_head") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or (cfg.get("n_embd") or cfg["hidden_size"]) // n_head
+    n_head = cfg.get("num_key_value_heads", n_head)  # the cache holds the KV heads
 
     def stream(ids: list[int], n: int) -> Iterable[int]:
         past = {name: np.zeros((1, n_head, 0, head_dim), np.float32) for name in past_names}
@@ -74,7 +76,7 @@ def load_naive_ort(artifact: Path) -> tuple[Stream, int, int]:
             tokens = np.array([[nxt]], np.int64)
             total += 1
 
-    return stream, cfg["vocab_size"], cfg["n_positions"]
+    return stream, cfg["vocab_size"], cfg.get("n_positions") or cfg["max_position_embeddings"]
 
 
 def load_pytorch(artifact: Path) -> tuple[Stream, int, int]:
@@ -94,7 +96,7 @@ def load_pytorch(artifact: Path) -> tuple[Stream, int, int]:
                 yield nxt
                 out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
 
-    return stream, model.config.vocab_size, model.config.n_positions
+    return stream, model.config.vocab_size, context_of(model.config)
 
 
 def load_optimum(artifact: Path, file_name: str) -> tuple[Stream, int, int]:
@@ -131,7 +133,7 @@ def load_optimum(artifact: Path, file_name: str) -> tuple[Stream, int, int]:
         for token, stamp in collect.items:
             yield _Stamped(token, stamp)
 
-    return stream, model.config.vocab_size, model.config.n_positions
+    return stream, model.config.vocab_size, context_of(model.config)
 
 
 def load_genai(artifact: Path) -> tuple[Stream, int, int]:
@@ -168,7 +170,8 @@ def load_llamacpp(artifact: Path) -> tuple[Stream, int, int]:
                 break
 
     # The learned position table ends at the trained context; a longer n_ctx would index past it.
-    trained = int(llm.metadata.get("gpt2.context_length", llm.n_ctx()))
+    arch = llm.metadata.get("general.architecture", "gpt2")
+    trained = int(llm.metadata.get(f"{arch}.context_length", llm.n_ctx()))
     return stream, llm.n_vocab(), min(trained, llm.n_ctx())
 
 

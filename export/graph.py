@@ -24,6 +24,7 @@ the file: 154 MB more for GPT-2 small in fp32).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -35,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
-from gptedge.train.model import GPT, rotate
+from gptedge.train.model import GPT, fused_norms, rotate
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -224,7 +225,9 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, verbos
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a GPT
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused norms too. "concat" stays portable.
+        fused = fused_norms() if kv == "inplace" else contextlib.nullcontext()
+        with warnings.catch_warnings(), torch.no_grad(), fused:
             warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; real failures raise
             program = torch.onnx.export(
                 wrapper, example_inputs(kv, model, dtype), None, dynamo=True, opset_version=OPSET,

@@ -188,6 +188,12 @@ def load_tokenizer(folder: Path) -> tuple[Tokenizer, Path | None]:
         except Exception as exc:  # tokenizers raises a bare Exception for parse errors
             raise CheckpointError(f"{tok_json} is not a valid tokenizer.json ({exc}); restore it") from exc
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if (folder / "tokenizer.model").is_file() and not vocab.is_file():
+        raise CheckpointError(
+            f"{folder} has only a SentencePiece tokenizer.model; gptedge reads tokenizer.json (the fast tokenizer). "
+            "Write one once with transformers and sentencepiece installed: python -c \"from transformers import "
+            f"AutoTokenizer; AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')\""
+        )
     if not (vocab.is_file() and merges.is_file()):
         raise CheckpointError(
             f"{folder} has no tokenizer files; it needs tokenizer.json, or vocab.json + merges.txt "

@@ -267,3 +267,23 @@ def test_rotary_tables_are_never_quantized(exported, tmp_path: Path) -> None:
     assert [list(t.dims) for t in tables] == [[CONTEXT, 8], [CONTEXT, 8]]  # cos and sin, [context, head_dim / 2]
     assert all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
     assert not [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+
+
+def test_sentencepiece_only_folder_says_how_to_convert(tmp_path: Path) -> None:
+    folder = save_family(tmp_path / "m", "llama")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes(b"\x0a\x00")
+    with pytest.raises(CheckpointError, match="only a SentencePiece tokenizer.model.*save_pretrained"):
+        export_bundle(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_shows_family_heads_and_rope(exported, capsys) -> None:
+    from gptedge.cli import main
+
+    assert main(["info", str(exported["llama"][1]["inplace"])]) == 0
+    out = capsys.readouterr().out
+    assert "architecture  llama: 3 layers, 6 heads (2 kv) x 16" in out
+    assert "model         rope (theta 500000, llama3 x8), rmsnorm, swiglu 200, tied head, biases on qkv, proj, mlp" in out
+    assert main(["info", str(exported["qwen3"][1]["inplace"])]) == 0
+    assert "4 heads (2 kv) x 32" in capsys.readouterr().out

@@ -21,9 +21,11 @@ C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim, I = intermediate_size, V 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -191,6 +193,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fusing():
+            return torch.onnx.ops.symbolic(
+                "SimplifiedLayerNormalization", [x, self.weight], dict(axis=-1, epsilon=self.eps, stash_type=1),
+                dtype=x.dtype, shape=x.shape, version=1)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -200,6 +206,42 @@ def make_norm(c: GPTConfig, dim: int) -> nn.Module:
     if c.norm == "rmsnorm":
         return RMSNorm(dim, c.layer_norm_epsilon)
     return nn.LayerNorm(dim, eps=c.layer_norm_epsilon, bias=c.bias)
+
+
+# While an ONNX Runtime graph is traced, norms export as its fused kernels (CPU, CUDA and DirectML have them; fp32
+# inside, the same arithmetic): one node where the decomposition costs seven, and the residual Add folded into the
+# next norm. ONNX Runtime does not fuse these itself. Portable graphs leave it off and keep standard ops.
+_FUSED_NORMS = contextvars.ContextVar("gptedge_fused_norms", default=False)
+
+
+@contextlib.contextmanager
+def fused_norms() -> Iterator[None]:
+    token = _FUSED_NORMS.set(True)
+    try:
+        yield
+    finally:
+        _FUSED_NORMS.reset(token)
+
+
+def _fusing() -> bool:
+    return _FUSED_NORMS.get() and torch.onnx.is_in_onnx_export()
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + delta), x + delta): a residual add and the norm after it; delta None: no add."""
+    if delta is None:
+        return norm(x), x
+    if not _fusing():
+        x = x + delta
+        return norm(x), x
+    rms = isinstance(norm, RMSNorm)
+    op = "SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"
+    params = [norm.weight] if rms else [norm.weight, norm.bias]
+    stats = [*x.shape[:-1], 1]
+    out, _, _, total = torch.onnx.ops.symbolic_multi_out(
+        f"com.microsoft::{op}", [x, delta, *params], dict(epsilon=norm.eps),
+        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, stats, stats, x.shape), version=1)
+    return out, total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +308,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c, c.n_embd)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, kernel: AttentionKernel, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kernel, layer)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, kernel: AttentionKernel,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream arrives as x + delta (the previous block's MLP output, not yet added) and leaves so."""
+        h, x = add_norm(self.ln_1, x, delta)
+        h, x = add_norm(self.ln_2, x, self.attn(h, kernel, layer))
+        return x, self.mlp(h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,9 +415,10 @@ class GPT(nn.Module):
 
     def blocks(self, x: torch.Tensor, kernel: AttentionKernel) -> torch.Tensor:
         """Every block, then the final norm: [B, S, C] -> [B, S, C]."""
+        delta = None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kernel, i)
-        return self.transformer.ln_f(x)
+            x, delta = block(x, delta, kernel, i)
+        return add_norm(self.transformer.ln_f, x, delta)[0]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., V]; F.linear on the [V, C] matrix (the embedding itself when tied)."""
