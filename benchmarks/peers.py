@@ -150,7 +150,8 @@ def prepare_gguf(hf_dir: Path, root: Path) -> dict[str, Path]:
     """GGUF Q8_0 and Q4_0 through llama.cpp's own converter (vendored in the llama-cpp-python sdist)."""
     import glob
 
-    converters = sorted(glob.glob(str(CACHE / "llama.cpp" / "convert_hf_to_gguf.py")))
+    converters = sorted(glob.glob(str(CACHE / "llama.cpp" / "convert_hf_to_gguf.py"))
+                        + glob.glob(str(LLAMA_BUILD.parent / "convert_hf_to_gguf.py")))
     if not converters:
         raise RuntimeError(f"no converter: extract vendor/llama.cpp/{{convert_hf_to_gguf.py,gguf-py,conversion}} "
                            f"from the llama-cpp-python sdist into {CACHE / 'llama.cpp'}")

@@ -191,8 +191,8 @@ def load_tokenizer(folder: Path) -> tuple[Tokenizer, Path | None]:
     if (folder / "tokenizer.model").is_file() and not vocab.is_file():
         raise CheckpointError(
             f"{folder} has only a SentencePiece tokenizer.model; gptedge reads tokenizer.json (the fast tokenizer). "
-            "Write one once with transformers and sentencepiece installed: python -c \"from transformers import "
-            f"AutoTokenizer; AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')\""
+            "Write one once with transformers' AutoTokenizer (needs transformers and sentencepiece): "
+            f"AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')"
         )
     if not (vocab.is_file() and merges.is_file()):
         raise CheckpointError(
