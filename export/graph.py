@@ -64,14 +64,17 @@ class GroupQueryKernel:
             self.attrs.update(do_rotary=1, rotary_interleaved=0)
         self.presents: list[torch.Tensor] = []
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qkv: torch.Tensor, attn) -> torch.Tensor:
         past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
+        # Packed q, k, v go in as they are (no Split node) unless per-head norms must run on q and k first.
+        q, k, v = (qkv, None, None) if attn.q_norm is None else attn.split(qkv)
+        B, S, _ = qkv.shape
         y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [q, k, v, past_k, past_v, self.seqlens_k, self.total, *self.rope],
             self.attrs,
-            dtypes=(q.dtype, past_k.dtype, past_v.dtype),
-            shapes=(q.shape, past_k.shape, past_v.shape),
+            dtypes=(qkv.dtype, past_k.dtype, past_v.dtype),
+            shapes=([B, S, attn.sizes[0]], past_k.shape, past_v.shape),
             version=1,
         )
         self.presents += [new_k, new_v]
@@ -97,8 +100,9 @@ class ConcatKernel:
         self.allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
         self.presents: list[torch.Tensor] = []
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qkv: torch.Tensor, attn) -> torch.Tensor:
         c = self.c
+        q, k, v = attn.split(qkv)
         B, S, _ = q.shape
         q = q.view(B, S, c.n_head, c.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, S, D]

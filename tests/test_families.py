@@ -287,3 +287,14 @@ def test_info_shows_family_heads_and_rope(exported, capsys) -> None:
     assert "model         rope (theta 500000, llama3 x8), rmsnorm, swiglu 200, tied head, biases on qkv, proj, mlp" in out
     assert main(["info", str(exported["qwen3"][1]["inplace"])]) == 0
     assert "4 heads (2 kv) x 32" in capsys.readouterr().out
+
+
+def test_sharded_safetensors_with_an_index_import_the_same(exported, tmp_path: Path) -> None:
+    folder, bundles = exported["qwen2"]
+    model = transformers.Qwen2ForCausalLM.from_pretrained(folder)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="300KB")
+    (sharded / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 2
+    a, b = hf.load_hf(folder).model.state_dict(), hf.load_hf(sharded).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -58,3 +58,19 @@ def test_invalid_architecture_options_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match=r"n_head \(3\) must be divisible by n_kv_head \(2\)"):
         resolve_config(TrainConfig(out="x", preset="small-llama", n_head=3, n_embd=96))
     assert torch.get_num_threads() >= 1
+
+
+def test_untied_head_is_saved_and_loaded_as_its_own_matrix(tmp_path: Path) -> None:
+    from gptedge.train.checkpoint import save_checkpoint
+    from gptedge.train.model import GPT, GPTConfig
+    from gptedge.train.presets import llama_style
+    from gptedge.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["def f(x):\n    return x\n"] * 10, 270)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_embd=32,
+                          tie_embeddings=False, **llama_style(32, 1)))
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model, {}, tok.to_str(), None))[0]
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.lm_head.weight.data_ptr() != loaded.transformer.wte.weight.data_ptr()

@@ -249,9 +249,13 @@ def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tu
 
 
 class AttentionKernel(Protocol):
-    """Computes attention for layer `layer` from projected q [B, S, H*D], k and v [B, S, Hkv*D]; returns [B, S, H*D]."""
+    """Attention for layer `layer` from the packed projection qkv [B, S, (H + 2*Hkv)*D]; returns [B, S, H*D].
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    `attn.split(qkv)` gives q, k, v (per-head norms applied); a kernel that takes the packed tensor as it is
+    (GroupQueryAttention, when the model has no q/k norms) saves the split.
+    """
+
+    def __call__(self, layer: int, qkv: torch.Tensor, attn: "CausalSelfAttention") -> torch.Tensor: ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -265,17 +269,17 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.layer_norm_epsilon) if c.qk_norm else None
         self.resid_dropout = nn.Dropout(c.dropout)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, S, C] -> q [B, S, H*D], k and v [B, S, Hkv*D] (q/k per-head norms applied, not rotated)."""
-        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed [B, S, (H + 2*Hkv)*D] -> q [B, S, H*D], k and v [B, S, Hkv*D] (q/k norms applied, not rotated)."""
+        q, k, v = qkv.split(self.sizes, dim=2)
         if self.q_norm is not None:
-            B, S, _ = x.shape
+            B, S, _ = qkv.shape
             q = self.q_norm(q.view(B, S, self.n_head, self.head_dim)).view(B, S, -1)
             k = self.k_norm(k.view(B, S, self.n_kv_head, self.head_dim)).view(B, S, -1)
         return q, k, v
 
     def forward(self, x: torch.Tensor, kernel: AttentionKernel, layer: int) -> torch.Tensor:
-        return self.resid_dropout(self.c_proj(kernel(layer, *self.qkv(x))))
+        return self.resid_dropout(self.c_proj(kernel(layer, self.c_attn(x), self)))
 
 
 class MLP(nn.Module):
@@ -339,8 +343,9 @@ class CachedAttention:
         # `is_causal=True` aligns top-left and is wrong there.
         self.mask = None if P == 0 else torch.ones(S, T, dtype=torch.bool, device=device).tril(diagonal=P)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qkv: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
         c = self.c
+        q, k, v = attn.split(qkv)
         B, S, _ = q.shape
         q = q.view(B, S, c.n_head, c.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
