@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
-from gptedge.train.model import GPT, fused_norms, rotate
+from gptedge.train.model import GPT, fused_norms
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -102,13 +102,8 @@ class ConcatKernel:
 
     def __call__(self, layer: int, qkv: torch.Tensor, attn) -> torch.Tensor:
         c = self.c
-        q, k, v = attn.split(qkv)
-        B, S, _ = q.shape
-        q = q.view(B, S, c.n_head, c.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = k.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = v.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)
-        if self.cos is not None:
-            q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        B, S, _ = qkv.shape
+        q, k, v = attn.heads(qkv, self.cos, self.sin)  # [B, H, S, D], [B, Hkv, S, D] x 2
         k = torch.cat([self.past[2 * layer], k], dim=2)  # [B, Hkv, T, D]
         v = torch.cat([self.past[2 * layer + 1], v], dim=2)
         self.presents += [k, v]

@@ -22,10 +22,8 @@ from tokenizers import Tokenizer  # noqa: E402
 from gptedge.errors import CheckpointError, UsageError  # noqa: E402
 from gptedge.export import hf  # noqa: E402
 from gptedge.export.exporter import export_bundle  # noqa: E402
-from gptedge.export.verify import session  # noqa: E402
 from gptedge.runtime.bundle import read_spec  # noqa: E402
-from gptedge.runtime.engine import Engine  # noqa: E402
-from test_hf_export import VOCAB, small_bpe  # noqa: E402
+from test_hf_export import VOCAB, right_padded_greedy, small_bpe  # noqa: E402
 
 STEPS = 24
 CONTEXT = 64
@@ -73,28 +71,6 @@ def save_family(folder: Path, model_type: str, seed: int = 0, **changes) -> Path
     model.save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
     return folder
-
-
-def right_padded_greedy(bundle: Path, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Greedy decoding through the bundle's graph; each row's tokens and its logits at every real position."""
-    engine = Engine(session(bundle / "model.onnx"), read_spec(bundle))
-    lengths = np.array([len(p) for p in prompts])
-    ids = np.zeros((len(prompts), lengths.max()), np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = p
-    cache = engine.new_cache(len(prompts), int(lengths.max()) + steps)
-    S = int(lengths.max())
-    logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S), (len(prompts), 1)))
-    rows = [list(logits[r, : lengths[r]].copy()) for r in range(len(prompts))]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    for _ in range(steps):
-        nxt = np.array([int(r[-1].argmax()) for r in rows])
-        for r in range(len(prompts)):
-            tokens[r].append(int(nxt[r]))
-        logits = engine.forward(cache, nxt.reshape(-1, 1))
-        for r in range(len(prompts)):
-            rows[r].append(logits[r, 0].copy())
-    return tokens, [np.stack(r) for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -70,22 +70,29 @@ def hf_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return {name: (folder, export_bundle(folder, root / f"{name}-bundle", progress=False)) for name, folder in folders.items()}
 
 
-def bundle_greedy(bundle: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Free-running greedy decoding of a right-padded batch through the bundle's graph (ONNX Runtime, CPU)."""
+def right_padded_greedy(bundle: Path, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Free-running greedy decoding of a right-padded batch through the bundle's graph (ONNX Runtime, CPU).
+
+    Returns each row's generated tokens and its logits at every real position (prompt and generated).
+    """
     engine = Engine(session(bundle / "model.onnx"), read_spec(bundle))
     lengths = np.array([len(p) for p in prompts])
-    ids = np.zeros((len(prompts), lengths.max()), np.int64)
+    S = int(lengths.max())
+    ids = np.zeros((len(prompts), S), np.int64)
     for r, p in enumerate(prompts):
         ids[r, : len(p)] = p
-    cache = engine.new_cache(len(prompts), int(lengths.max()) + n)
-    logits = engine.forward(cache, ids, lengths)
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(n):
-        nxt = logits[:, -1].argmax(-1)
+    cache = engine.new_cache(len(prompts), S + steps)
+    logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S), (len(prompts), 1)))
+    rows = [list(logits[r, : lengths[r]].copy()) for r in range(len(prompts))]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for _ in range(steps):
+        nxt = np.array([int(r[-1].argmax()) for r in rows])
         for r in range(len(prompts)):
-            out[r].append(int(nxt[r]))
+            tokens[r].append(int(nxt[r]))
         logits = engine.forward(cache, nxt.reshape(-1, 1))
-    return out
+        for r in range(len(prompts)):
+            rows[r].append(logits[r, 0].copy())
+    return tokens, [np.stack(r) for r in rows]
 
 
 @pytest.mark.parametrize("name", ["gelu_new-safetensors", "gelu-bin-slowtok"])
@@ -95,7 +102,7 @@ def test_greedy_tokens_equal_transformers_generate(hf_models, name: str) -> None
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     prompts = [tok.encode("def add(a, b):\n    return").ids, tok.encode("hello").ids, tok.encode("for i in range(10):").ids]
     assert len({len(p) for p in prompts}) == 3
-    ours = bundle_greedy(bundle, prompts, 20)
+    ours = right_padded_greedy(bundle, prompts, 20)[0]
     for prompt, mine in zip(prompts, ours):
         with torch.no_grad():
             gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

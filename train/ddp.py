@@ -78,7 +78,12 @@ def init(env: DistEnv, device: torch.device) -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        # Every rank reaches this point before any tears the group down: a rank that destroys it while a
+        # peer's gloo threads still talk to it can abort that peer ("terminate called without an active exception").
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -278,6 +278,17 @@ class CausalSelfAttention(nn.Module):
             k = self.k_norm(k.view(B, S, self.n_kv_head, self.head_dim)).view(B, S, -1)
         return q, k, v
 
+    def heads(self, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Packed projection -> q [B, H, S, D], k and v [B, Hkv, S, D], q and k rotated when cos/sin are given."""
+        B, S, _ = qkv.shape
+        q, k, v = self.split(qkv)
+        q = q.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cos is not None:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, kernel: AttentionKernel, layer: int) -> torch.Tensor:
         return self.resid_dropout(self.c_proj(kernel(layer, self.c_attn(x), self)))
 
@@ -345,13 +356,8 @@ class CachedAttention:
 
     def __call__(self, layer: int, qkv: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
         c = self.c
-        q, k, v = attn.split(qkv)
-        B, S, _ = q.shape
-        q = q.view(B, S, c.n_head, c.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = k.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = v.view(B, S, c.n_kv_head, c.head_dim).transpose(1, 2)
-        if self.cos is not None:
-            q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        B, S, _ = qkv.shape
+        q, k, v = attn.heads(qkv, self.cos, self.sin)  # [B, H, S, D], [B, Hkv, S, D] x 2
         if self.past is not None:
             k = torch.cat([self.past[layer][0], k], dim=2)  # [B, Hkv, T, D]
             v = torch.cat([self.past[layer][1], v], dim=2)
