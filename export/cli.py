@@ -1,4 +1,4 @@
-"""`gptedge export SOURCE OUT_DIR`: checkpoint or local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3) -> verified bundle.
+"""`gptedge export SOURCE OUT_DIR`: checkpoint or local Hugging Face model folder -> verified bundle.
 
 Imports stay light here (argparse, pathlib); torch and onnx load inside `run`.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("source", type=Path, metavar="SOURCE",
-                        help="a gptedge checkpoint folder, or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3) "
+                        help="a gptedge checkpoint folder, or a local Hugging Face model folder "
+                             "(model_type gpt2, llama, mistral, qwen2, qwen3 or phi3) "
                              "(config.json + model.safetensors or pytorch_model.bin + tokenizer files); nothing is downloaded")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle folder to write (model.onnx, model.onnx.data, tokenizer.json, gptedge.json)")
     parser.add_argument("--target", choices=("cpu", "cuda", "dml"), default="cpu",

@@ -1,4 +1,4 @@
-"""`export_bundle`: a gptedge checkpoint or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3) -> a verified bundle.
+"""`export_bundle`: a gptedge checkpoint or a local Hugging Face model folder -> a verified bundle.
 
 Order of work, so that bad input fails fast and nothing half-done is ever visible:
   1. check the options and that the output may be written (cheap);
@@ -91,14 +91,15 @@ def family_name(config) -> str:
 
 
 def load_source(path: str | Path) -> Source:
-    """Load a gptedge checkpoint or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3); CheckpointError for anything else."""
+    """Load a gptedge checkpoint or a local Hugging Face model folder; CheckpointError for anything else."""
     from gptedge.export import hf
     from gptedge.train import checkpoint
     from gptedge.train.tokenizer import load_tokenizer
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face model folder (gpt2, llama, mistral, qwen2, qwen3, phi3)")
+        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face model "
+                              "folder (gpt2, llama, mistral, qwen2, qwen3, phi3)")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
     if checkpoint.is_checkpoint(path):
