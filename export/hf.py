@@ -284,10 +284,8 @@ def load_hf(folder: str | Path) -> HFSource:
         state.update(_load_file(f))
     with torch.device("meta"):  # no random init of weights that are about to be replaced (seconds for 100M+ models)
         model = GPT(config)
-    skip = {"lm_head.weight"} if config.tie_embeddings else set()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
-    weights = convert_state_dict(state, config, fam.weights, expected, folder)
-    model.load_state_dict(weights, strict=not skip, assign=True)
+    weights = convert_state_dict(state, config, fam.weights, model.weight_shapes(), folder)
+    model.load_state_dict(weights, strict=not config.tie_embeddings, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's parameter: tie the head again
     model.build_rope()  # derived tables were built on the meta device

@@ -12,7 +12,7 @@ something else is worse than an error.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -179,7 +179,6 @@ class HFFamily:
     architectures: tuple[str, ...]  # config.json `architectures` values that are this family's language models
     config: Callable[[dict[str, Any], Path], dict[str, Any]]  # config.json -> GPTConfig arguments
     weights: WeightMap
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _partial(fn: Callable[..., dict[str, Any]], **kw: Any) -> Callable[[dict[str, Any], Path], dict[str, Any]]:

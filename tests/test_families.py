@@ -150,8 +150,6 @@ def test_sliding_window_shorter_than_context(tmp_path: Path) -> None:
 ])
 def test_unsupported_configs_are_refused(model_type: str, change: dict, message: str, tmp_path: Path) -> None:
     config = {"model_type": model_type, **FAMILIES[model_type][2], **change}
-    if config.get("rope_scaling", {}).get("type") == "longrope":
-        config["rope_scaling"] = dict(config["rope_scaling"])
     with pytest.raises(CheckpointError, match=message):
         hf.gpt_config(config, tmp_path)
 

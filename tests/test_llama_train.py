@@ -57,7 +57,6 @@ def test_trained_llama_exports_quantizes_and_generates(train_corpus: Path, train
 def test_invalid_architecture_options_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match=r"n_head \(3\) must be divisible by n_kv_head \(2\)"):
         resolve_config(TrainConfig(out="x", preset="small-llama", n_head=3, n_embd=96))
-    assert torch.get_num_threads() >= 1
 
 
 def test_untied_head_is_saved_and_loaded_as_its_own_matrix(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from gptedge.train.model import GPT, GPTConfig
 FORMAT = "gptedge-checkpoint"
 VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE = "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"
-TIED = "lm_head.weight"  # same tensor as transformer.wte.weight when the head is tied; then saved once
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -60,15 +59,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _skip(config: GPTConfig) -> set[str]:
-    """State-dict keys not saved: a tied head is the embedding's tensor (safetensors refuses shared storage)."""
-    return {TIED} if config.tie_embeddings else set()
-
-
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict to save: contiguous CPU tensors, a tied head left out."""
-    skip = _skip(model.config)
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in skip}
+    """The state dict to save: contiguous CPU tensors, a tied head left out (safetensors refuses shared storage)."""
+    keep = model.weight_shapes()
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k in keep}
 
 
 def save_checkpoint(
@@ -127,7 +121,7 @@ def check_weight_shapes(config: GPTConfig, path: str | Path) -> None:
     except (SafetensorError, OSError) as exc:
         raise _open_error(file, exc) from exc
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k not in _skip(config)}
+        expected = GPT(config).weight_shapes()
     _check_shapes(file, have, expected)
 
 
@@ -138,11 +132,9 @@ def load_weights(model: GPT, path: str | Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise _open_error(file, exc) from exc
-    skip = _skip(model.config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
-    _check_shapes(file, {k: tuple(v.shape) for k, v in state.items()}, expected)
+    _check_shapes(file, {k: tuple(v.shape) for k, v in state.items()}, model.weight_shapes())
     # A tied lm_head.weight is wte's tensor: strict=True would demand it, and the in-place copy keeps the tie.
-    model.load_state_dict(state, strict=not skip)
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:

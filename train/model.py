@@ -412,6 +412,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """State-dict names and shapes of the tensors a file must hold: a tied head is the embedding's tensor."""
+        tied = {"lm_head.weight"} if self.config.tie_embeddings else set()
+        return {k: tuple(v.shape) for k, v in self.state_dict().items() if k not in tied}
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n

@@ -45,17 +45,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=16, steps=300, lr=2e-3, finetune_lr=3e-4, warmup=30, eval_every=100,
         stdlib_bytes=3_000_000,
     ),
-    # The "tiny" and "small" sizes as Llama-style models (two query heads per KV head).
-    "tiny-llama": dict(
-        n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512, architecture=llama_style(64, 1),
-        batch_size=32, steps=200, lr=3e-3, finetune_lr=1e-3, warmup=20, eval_every=50,
-        stdlib_bytes=500_000,
-    ),
-    "small-llama": dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=2048, architecture=llama_style(128, 2),
-        batch_size=16, steps=300, lr=2e-3, finetune_lr=3e-4, warmup=30, eval_every=100,
-        stdlib_bytes=3_000_000,
-    ),
     # GPT-2 (124M) shape, for real hardware (a GPU, or several with torchrun). 0.5M tokens a step.
     "gpt2": dict(
         n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
@@ -63,6 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batches=20, stdlib_bytes=None,
     ),
 }
+
+# The "tiny" and "small" runs as Llama-style models (two query heads per KV head): same sizes and settings.
+PRESETS["tiny-llama"] = {**PRESETS["tiny"], "architecture": llama_style(64, 1)}
+PRESETS["small-llama"] = {**PRESETS["small"], "architecture": llama_style(128, 2)}
+PRESETS = {name: PRESETS[name] for name in ("tiny", "small", "tiny-llama", "small-llama", "gpt2")}  # listed in this order
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
