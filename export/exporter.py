@@ -29,6 +29,7 @@ from gptedge.errors import CheckpointError, UsageError
 from gptedge.runtime.bundle import (
     DTYPES, KV_UPDATES, MODEL_NAME, TARGETS, TOKENIZER_NAME, Architecture, BundleSpec, KVCacheSpec, sha256_file, write_spec,
 )
+from gptedge.runtime.chat import DEFAULT_TEMPLATE
 
 DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16", "dml": "fp16"}
 EOT = "<|endoftext|>"
@@ -108,7 +109,7 @@ def load_source(path: str | Path) -> Source:
         return Source(
             kind="gptedge-checkpoint", path=path.resolve(), model=model.eval().requires_grad_(False), tokenizer=tok,
             tokenizer_file=path / checkpoint.TOKENIZER, special_tokens=_gptedge_special_tokens(tok),
-            weight_files=[path / checkpoint.WEIGHTS], family=family_name(model.config),
+            weight_files=[path / checkpoint.WEIGHTS], family=family_name(model.config), chat_template=DEFAULT_TEMPLATE,
         )
     if hf.is_hf_folder(path):
         src = hf.load_hf(path)

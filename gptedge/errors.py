@@ -49,11 +49,5 @@ class OutputExistsError(GptEdgeError):
     """The output path exists and --force was not given."""
 
 
-class Cancelled(GptEdgeError):
-    """A generation was cancelled by its caller."""
-
-    exit_code = 130
-
-
 class TrainingDiverged(GptEdgeError):
     """The training loss stopped being a finite number; nothing from the diverged steps is saved."""

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Model": "gptedge.runtime.model",
     "Stream": "gptedge.runtime.model",
-    "GenerationResult": "gptedge.runtime.generator",
-    "Timings": "gptedge.runtime.generator",
-    "CancelToken": "gptedge.runtime.generator",
+    "GenerationResult": "gptedge.runtime.decoding",
+    "Timings": "gptedge.runtime.decoding",
+    "CancelToken": "gptedge.runtime.decoding",
     "SamplingParams": "gptedge.runtime.sampling",
     "BundleSpec": "gptedge.runtime.bundle",
     "read_spec": "gptedge.runtime.bundle",
@@ -32,7 +32,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from gptedge.runtime.bundle import BundleSpec, read_spec
     from gptedge.runtime.engine import Engine
-    from gptedge.runtime.generator import CancelToken, GenerationResult, Timings
+    from gptedge.runtime.decoding import CancelToken, GenerationResult, Timings
     from gptedge.runtime.model import Model, Stream
     from gptedge.runtime.providers import choose_provider
     from gptedge.runtime.sampling import SamplingParams

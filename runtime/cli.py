@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="when prompt + max-new-tokens exceed the context, keep the most recent prompt tokens instead of failing")
     if command == "chat":
         parser.add_argument("--system", default="", help="text placed before the conversation (kept when history is truncated)")
-        parser.add_argument("--user-prefix", default="User: ", help="what starts a user turn in the transcript the model sees")
-        parser.add_argument("--assistant-prefix", default="Assistant: ", help="what starts a model turn in the transcript")
+        parser.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                            help="Jinja chat template to use instead of the bundle's (default: the bundle's, else a User:/Assistant: transcript)")
     if command == "info":
         parser.add_argument("--json", action="store_true", help="print gptedge.json (with file sizes) as JSON instead of a summary")
         parser.add_argument("--no-verify", action="store_true", help="skip re-computing the files' sha256 checksums")
@@ -130,30 +130,36 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from gptedge.runtime.chat import fit_messages, template_for
+
+    source = None
+    if args.chat_template is not None:
+        try:
+            source = args.chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --chat-template {args.chat_template}: {exc}") from None
     model = _load(args)
+    template = template_for(model, source)
     kwargs = _sampling_kwargs(args)
-    # The answer's first token usually carries its leading space (" Hello"), so the prefix ends without one.
-    user, assistant = _unescape(args.user_prefix), _unescape(args.assistant_prefix).rstrip(" ")
-    kwargs["stop_strings"] = tuple(kwargs.get("stop_strings", ())) + ("\n" + user.strip(),)
+    kwargs["stop_strings"] = tuple(kwargs.get("stop_strings", ())) + template.stop_strings
     params = model.sampling_params(**kwargs)
-    turns: list[str] = []
+    messages: list[dict[str, str]] = [{"role": "system", "content": _unescape(args.system)}] if args.system else []
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits",
           file=sys.stderr)
     while True:
         try:
-            message = input(user if interactive else "")
+            message = input("you> " if interactive else "")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
         if not message.strip():
             continue
         if not interactive:
-            print(f"{user}{message}")
-        turns.append(f"{user}{message}\n")
-        prompt = fit_history(model, _unescape(args.system), turns, assistant, params.max_new_tokens)
-        sys.stdout.write(assistant)
-        sys.stdout.flush()
+            print(f"you> {message}")
+        messages.append({"role": "user", "content": message})
+        prompt = fit_messages(model, template, messages, params.max_new_tokens)
+        sys.stdout.write("model>")
         answer = []
         stream = model.stream(prompt, params)
         try:
@@ -165,66 +171,21 @@ def _chat(args: argparse.Namespace) -> int:
             stream.close()
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
-        turns.append(f"{assistant}{''.join(answer).rstrip()}\n")
-
-
-def fit_history(model, system: str, turns: list[str], assistant: str, max_new_tokens: int) -> list[int]:
-    """Token ids of system + the most recent turns that fit the context with room for the answer.
-
-    Whole turns are dropped oldest first; if even the latest turn is too long, its oldest tokens go.
-    """
-    budget = model.context_length - max_new_tokens
-    if budget < 1:
-        raise UsageError(f"--max-new-tokens must be below the context ({model.context_length}) to leave room for the conversation")
-    head = model.encode(system + ("\n" if system and not system.endswith("\n") else "")) if system else []
-    tail = model.encode(assistant)
-    kept: list[int] = []
-    for turn in reversed(turns):
-        ids = model.encode(turn)
-        if len(head) + len(kept) + len(ids) + len(tail) > budget:
-            break
-        kept = ids + kept
-    if not kept:  # the latest turn alone is too long: keep its end
-        room = max(1, budget - len(head) - len(tail))
-        kept = model.encode(turns[-1])[-room:]
-    ids = (head + kept + tail)[-budget:]
-    return ids
+        messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
 def _next(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
     model = _load(args)
     rows = model.next_tokens(prompt, args.top)
+    from gptedge.runtime.tokens import token_repr
+
     shown = [token_repr(model.tokenizer, token_id, text) for text, token_id, _ in rows]
     width = max(len("token"), *(len(s) for s in shown))
     print(f"{'rank':>4}  {'token'.ljust(width)}  {'id':>7}  probability")
     for rank, ((_, token_id, prob), label) in enumerate(zip(rows, shown), 1):
         print(f"{rank:>4}  {label.ljust(width)}  {token_id:>7}  {prob:.4f}")
     return 0
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def token_repr(tokenizer, token_id: int, text: str) -> str:
-    """repr() of the token's text, or of its raw bytes when it is only part of a UTF-8 character."""
-    if "\ufffd" not in text:
-        return repr(text)
-    piece = tokenizer.id_to_token(token_id) or ""
-    table = _byte_decoder()
-    if piece and all(c in table for c in piece):
-        return repr(bytes(table[c] for c in piece))
-    return repr(text)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -59,9 +59,6 @@ class StreamingDetokenizer:
         self._window: list[int] = []
         self._read = 0
         self._context_text = ""  # decode(window[:read]), cached so each add decodes once
-        self._pieces: list[str] = []
-        self._joined = ""
-        self._joined_count = 0  # how many pieces self._joined covers
         self._num_tokens = 0
 
     def _decode(self, ids: list[int]) -> str:
@@ -85,7 +82,6 @@ class StreamingDetokenizer:
         self._window = self._window[self._read :]
         self._read = len(self._window)
         self._context_text = self._decode(self._window)
-        self._pieces.append(piece)
         return piece
 
     def flush(self) -> str:
@@ -97,17 +93,7 @@ class StreamingDetokenizer:
         text = self._decode(self._window)
         rest = text[len(self._context_text) :] if len(text) > len(self._context_text) else ""
         self._window, self._read, self._context_text = [], 0, ""
-        if rest:
-            self._pieces.append(rest)
         return rest
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far (joined lazily, so streaming stays O(1) per token)."""
-        if self._joined_count != len(self._pieces):
-            self._joined += "".join(self._pieces[self._joined_count :])
-            self._joined_count = len(self._pieces)
-        return self._joined
 
     @property
     def num_tokens(self) -> int:

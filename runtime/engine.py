@@ -45,11 +45,6 @@ class KVCache:
     binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
     logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
 
-    @property
-    def free(self) -> int:
-        """Positions still free in every row (the tightest row decides)."""
-        return self.capacity - int(self.lengths.max(initial=0))
-
 
 class Engine:
     """Runs an exported GPT graph one step at a time; thread-safe, one KV cache per generation."""
@@ -100,6 +95,37 @@ class Engine:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # same memory: the step writes in place
         return KVCache(batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64), values=values, binding=binding)
+
+    @property
+    def shares_host_rows(self) -> bool:
+        """True when KV buffers can be host arrays whose row ranges are bound as caches (`cache_over`).
+
+        In-place graphs on the CPU only: there a batch's rows live in one numpy array per layer, so a
+        sequence can be prefilled straight into its row and the running rows decoded as one batch.
+        """
+        return self.inplace and self.device == "cpu"
+
+    def cache_over(self, arrays: list[np.ndarray], lengths: np.ndarray) -> KVCache:
+        """An in-place cache over caller-owned host arrays [B, n_kv_head, capacity, head_dim] (views are fine).
+
+        `lengths` is used as is (a view of the caller's array stays in sync). The arrays must stay
+        alive and C-contiguous while the cache is used; onnxruntime writes the new keys into them.
+        """
+        if not self.shares_host_rows:
+            raise UsageError("cache_over needs an in-place graph running on the CPU")
+        batch, _, capacity, _ = arrays[0].shape
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        binding = self.session.io_binding()
+        for past, present, value in zip(self.past_names, self.present_names, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return KVCache(batch=batch, capacity=capacity, lengths=lengths, values=values, binding=binding)
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV bytes one sequence position takes across all layers (keys and values)."""
+        a = self.arch
+        return a.n_layer * 2 * a.n_kv_head * a.head_dim * np.dtype(self.kv_dtype).itemsize
 
     def release(self, cache: KVCache) -> None:
         """Return an in-place cache's buffers to the pool for the next request of the same size."""

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,7 +30,8 @@ from gptedge.errors import BundleError, ContextLengthError, UsageError
 from gptedge.runtime import optimum
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph, read_spec
 from gptedge.runtime.engine import Engine
-from gptedge.runtime.generator import GenerationResult, check_prompt_ids, generate_rows, stream_tokens
+from gptedge.runtime.decoding import Decoding, GenerationResult
+from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
 from gptedge.runtime.onnx_scan import scan_model
 from gptedge.runtime.providers import PROVIDERS, ProviderChoice, SessionInfo, cache_key, cache_root, choose_provider, create_session
 from gptedge.runtime.sampling import SamplingParams, softmax
@@ -48,9 +49,9 @@ class Stream:
     its KV buffers.
     """
 
-    def __init__(self, pieces: Iterator[str], out: list) -> None:
+    def __init__(self, pieces: Iterator[str], seq: Decoding) -> None:
         self._pieces = pieces
-        self._out = out
+        self._seq = seq
 
     def __iter__(self) -> "Stream":
         return self
@@ -69,7 +70,7 @@ class Stream:
 
     @property
     def result(self) -> GenerationResult | None:
-        return self._out[0] if self._out else None
+        return self._seq.result
 
 
 class Model:
@@ -207,7 +208,7 @@ class Model:
                 raise ContextLengthError(f"max_new_tokens ({m}) must be below the context ({context}) to leave room for a prompt")
             return ids[n - (context - m):], params, "length"
         if not explicit_max and n < context:
-            return ids, _replace(params, max_new_tokens=context - n), "context"
+            return ids, replace(params, max_new_tokens=context - n), "context"
         raise ContextLengthError(
             f"the prompt ({n} tokens) + max_new_tokens ({m}) exceed the model's context of {context} tokens; "
             "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens"
@@ -240,9 +241,8 @@ class Model:
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
-        out: list[GenerationResult] = []
-        return Stream(stream_tokens(self.engine, self.tokenizer, ids, p, out, length_reason=reason, cancel=cancel,
-                                   on_token=on_token), out)
+        seq = Decoding(self.tokenizer, ids, p, length_reason=reason)
+        return Stream(stream_tokens(self.engine, seq, cancel=cancel, on_token=on_token), seq)
 
     def generate(
         self,
@@ -279,10 +279,8 @@ class Model:
         explicit = params is not None or "max_new_tokens" in sampling
         plans = [self._plan(self.prompt_ids(x), p, explicit, truncate) for x in prompts]
         pad = self.spec.special_tokens.get("pad_id", self.eos_id) or 0
-        return generate_rows(
-            self.engine, self.tokenizer, [ids for ids, _, _ in plans], p, budgets=[q.max_new_tokens for _, q, _ in plans],
-            length_reasons=[reason for _, _, reason in plans], cancel=cancel, pad_id=int(pad),
-        )
+        seqs = [Decoding(self.tokenizer, ids, q, length_reason=reason) for ids, q, reason in plans]
+        return generate_rows(self.engine, seqs, cancel=cancel, pad_id=int(pad))
 
     # -- scoring ---------------------------------------------------------------------------------------
     def next_tokens(self, prompt: str | Sequence[int], k: int = 10) -> list[tuple[str, int, float]]:
@@ -391,8 +389,3 @@ def _check_cancel(cancel) -> None:
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise UsageError(f"cancel must be a CancelToken or threading.Event (anything with is_set()), got {type(cancel).__name__}")
 
-
-def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    values = {f.name: getattr(params, f.name) for f in fields(SamplingParams)}
-    values.update(changes)
-    return SamplingParams(**values)

@@ -40,7 +40,6 @@ __all__ = [
     "filter_logits",
     "log_softmax",
     "min_p_filter",
-    "sample_batch",
     "sample_next",
     "softmax",
     "top_k_filter",
@@ -537,31 +536,3 @@ def _search(weights: np.ndarray, cs: np.ndarray, target: float) -> int:
         i = int(np.flatnonzero(weights)[-1])
     return i
 
-
-def sample_batch(
-    logits: np.ndarray,
-    params: SamplingParams,
-    rng: np.random.Generator | None,
-    histories: Sequence[History | None] | None = None,
-) -> np.ndarray:
-    """Sample one token per row of logits [batch, vocab] -> int64 ids [batch].
-
-    Rows draw from the shared generator in row order, so a seeded batch repeats
-    and row b gets the same token as `sample_next` called in that order.
-    Greedy without penalties is one vectorised argmax.
-    """
-    logits = np.asarray(logits)
-    if logits.ndim != 2:
-        raise UsageError(f"expected logits with shape [batch, vocab], got shape {logits.shape}")
-    if histories is not None and len(histories) != logits.shape[0]:
-        raise UsageError(f"got {len(histories)} histories for {logits.shape[0]} rows; pass one per row (or None)")
-    if params.greedy and (histories is None or not params.penalized):
-        x = _as_logits(logits)
-        out = np.argmax(x, axis=-1)
-        if np.isneginf(x[np.arange(x.shape[0]), out]).any():
-            raise UsageError(
-                "a row of logits is all -inf or NaN, so there is nothing to sample; check the model output"
-            )
-        return out.astype(np.int64)
-    hs = histories if histories is not None else [None] * logits.shape[0]
-    return np.array([sample_next(row, params, rng, h) for row, h in zip(logits, hs)], dtype=np.int64)

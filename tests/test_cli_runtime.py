@@ -53,7 +53,7 @@ def test_next_prints_a_table(capsys, runtime_bundle: Path, runtime_model: Model)
     rc, out, _ = run_cli(capsys, "next", runtime_bundle, "def add(a, b):", "--top", "5")
     lines = out.strip().splitlines()
     assert rc == 0 and lines[0].split() == ["rank", "token", "id", "probability"] and len(lines) == 6
-    from gptedge.runtime.cli import token_repr
+    from gptedge.runtime.tokens import token_repr
 
     rows = runtime_model.next_tokens("def add(a, b):", 5)
     for rank, (line, (text, token_id, prob)) in enumerate(zip(lines[1:], rows), 1):
@@ -62,7 +62,7 @@ def test_next_prints_a_table(capsys, runtime_bundle: Path, runtime_model: Model)
 
 
 def test_token_repr_shows_bytes_of_partial_characters(runtime_model: Model) -> None:
-    from gptedge.runtime.cli import token_repr
+    from gptedge.runtime.tokens import token_repr
 
     ids = runtime_model.encode("龍")  # not in the tiny tokenizer's training text: one token per byte
     assert len(ids) == 3
@@ -105,7 +105,7 @@ def test_chat_keeps_history_and_survives_long_input(capsys, monkeypatch, runtime
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hello there\n\n{long_turn}\nand again\n"))
     rc, out, err = run_cli(capsys, "chat", runtime_bundle, "--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief.")
     assert rc == 0, err
-    assert out.count("Assistant:") == 3 and "User: Hello there" in out and "User: and again" in out
+    assert out.count("model>") == 3 and "you> Hello there" in out and "you> and again" in out
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_program(capsys, monkeypatch, runtime_bundle: Path) -> None:
@@ -127,19 +127,8 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(capsys, monkeypatch, runti
     monkeypatch.setattr(Model, "stream", interrupted_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n"))
     rc, out, _ = run_cli(capsys, "chat", runtime_bundle, "--temperature", "0", "--max-new-tokens", "6")
-    assert rc == 0 and "[stopped]" in out and out.count("Assistant:") == 2
+    assert rc == 0 and "[stopped]" in out and out.count("model>") == 2
     assert calls[0].result.finish_reason == "cancelled"  # the interrupted generation was closed
-
-
-def test_chat_history_is_truncated_to_fit(runtime_model: Model) -> None:
-    from gptedge.runtime.cli import fit_history
-
-    turns = [f"User: message number {i}\n" for i in range(40)]
-    ids = fit_history(runtime_model, "System text.", turns, "Assistant:", 28)
-    assert len(ids) <= runtime_model.context_length - 28
-    text = runtime_model.decode(ids)
-    assert text.startswith("System text.\n") and text.endswith("message number 39\nAssistant:")
-    assert "message number 0\n" not in text
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def stream(tok: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> 
     d = StreamingDetokenizer(tok, skip_special_tokens=skip_special_tokens)
     pieces = [d.add(i) for i in ids]
     rest = d.flush()
-    assert d.text == "".join(pieces) + rest
+    assert d.num_tokens == len(ids)
     return pieces, rest
 
 

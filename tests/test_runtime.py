@@ -88,12 +88,12 @@ def test_stream_pieces_never_split_characters(runtime_model: Model, prompt: str,
 
 def test_stream_splits_multibyte_characters_correctly(runtime_model: Model) -> None:
     """Feed a CJK/emoji prompt's own tokens through the streaming path: the pieces rebuild the text exactly."""
-    from gptedge.runtime.generator import _pipe
+    from gptedge.runtime.decoding import TextPipe
 
     text = "你好，世界。😀🎉🚀 mixed ñ"
     ids = runtime_model.encode(text)
     assert any("\ufffd" in runtime_model.decode([i]) for i in ids)  # the tokenizer does split characters
-    pipe = _pipe(runtime_model.tokenizer, SamplingParams())
+    pipe = TextPipe(runtime_model.tokenizer, ())
     pieces = [pipe.add(i)[0] for i in ids] + [pipe.finish()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

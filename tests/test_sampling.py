@@ -19,7 +19,6 @@ from gptedge.runtime.sampling import (
     filter_logits,
     log_softmax,
     min_p_filter,
-    sample_batch,
     sample_next,
     softmax,
     top_k_filter,
@@ -430,20 +429,3 @@ def test_sampling_extreme_logits_stays_within_survivors():
             assert sample_next(x, SamplingParams(temperature=temperature), rng) in (0, 2)
     x32 = np.array([3.4e38, 3.4e38, -3.4e38], dtype=np.float32)
     assert {sample_next(x32, SamplingParams(temperature=1e-6), rng) for _ in range(50)} <= {0, 1}
-
-
-def test_sample_batch_matches_rowwise_and_greedy_vectorised():
-    logits = np.random.default_rng(2).standard_normal((4, 300))
-    params = SamplingParams(temperature=0.7, top_k=20, seed=9)
-    g = params.make_rng()
-    rowwise = [sample_next(r, params, g) for r in logits]
-    assert sample_batch(logits, params, params.make_rng()).tolist() == rowwise
-    greedy = sample_batch(logits, SamplingParams(temperature=0), None)
-    assert greedy.dtype == np.int64 and greedy.tolist() == logits.argmax(-1).tolist()
-    hist = [[int(i)] for i in logits.argmax(-1)]
-    penalised = sample_batch(logits, SamplingParams(temperature=0, repetition_penalty=50.0), None, hist)
-    assert (penalised != greedy).all()
-    with pytest.raises(UsageError, match="histories"):
-        sample_batch(logits, params, g, [None])
-    with pytest.raises(UsageError, match="all -inf"):
-        sample_batch(np.array([[0.0, 1.0], [-INF, np.nan]]), SamplingParams(temperature=0), None)
