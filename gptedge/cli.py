@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gptedge.runtime.cli", "perplexity of a bundle on a text file"),
     "info": ("gptedge.runtime.cli", "describe a bundle: architecture, dtype, quantization, quality report, sizes"),
     "bench": ("gptedge.runtime.cli", "measure load time, time to first token and decode tokens/s of a bundle"),
+    "serve": ("gptedge.runtime.serve.cli", "serve bundles over an OpenAI-compatible HTTP API with a chat page (extra: serve)"),
     "demo": ("gptedge.demo", "train -> export -> quantize -> generate on the embedded default corpus, in one folder"),
 }
 

@@ -208,7 +208,7 @@ class Decoding:
         logprob = self._logprob(logits, token) if self._logprobs is not None else None
         if token in self.params.stop_token_ids:
             self.finish_reason = "eos"
-            return Step(token, "", "eos", logprob)
+            return Step(token, "", "eos")  # a stop id is not part of the output: no log probability for it
         self.tokens.append(token)
         self._history.append(token)
         self.timings.generated_tokens = len(self.tokens)

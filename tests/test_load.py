@@ -80,9 +80,9 @@ def _cancel_mid_stream(model: Model, i: int) -> str:
         for _ in stream:  # the generation notices at its next token and ends
             pass
     else:
-        result_box = stream._out
+        seq = stream._seq
         del stream  # dropped without closing: the last reference goes, so the generator is finalized now
-        return result_box[0].finish_reason
+        return seq.result.finish_reason
     return stream.result.finish_reason
 
 

@@ -1,0 +1,384 @@
+"""`gptedge serve`'s ASGI app: OpenAI's HTTP API over loaded bundles, one continuous batcher per model.
+
+Requests are read (size- and time-capped), checked by `api.build_plan`, and their sequences handed
+to the model's `Batcher`, whose thread calls back with each step; the callbacks hop onto the event
+loop (`call_soon_threadsafe`) and feed either a Server-Sent Events stream or one JSON answer. A
+client that goes away cancels its sequences, and their KV rows are free by the batcher's next step.
+The event loop does no model work, so onnxruntime's threads have the cores to themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gptedge.errors import GptEdgeError
+from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
+from gptedge.runtime.decoding import Decoding
+from gptedge.runtime.serve import api
+from gptedge.runtime.tokens import token_bytes
+
+log = logging.getLogger("gptedge.serve")
+STATIC = Path(__file__).with_name("static")
+
+
+@dataclass
+class ServeConfig:
+    """Everything `gptedge serve` was asked for (see its --help for the reasons behind the defaults)."""
+
+    bundles: list[tuple[str, Path]]
+    provider: str = "auto"
+    threads: int | None = None
+    parallel: int = 4
+    kv_budget_mb: float = DEFAULT_KV_BUDGET_MB
+    max_queue: int = 64
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 2 * 2**20
+    body_timeout_s: float = 30.0
+
+
+class Served:
+    """One loaded model: its Model, batcher, chat template and (on first use) grammar factory."""
+
+    def __init__(self, name: str, model, batcher: Batcher) -> None:
+        from gptedge.runtime.chat import template_for
+
+        self.name, self.model, self.batcher = name, model, batcher
+        self.capacity = batcher.capacity
+        self.template = template_for(model)
+        self._grammar = None
+        self._lock = threading.Lock()
+
+    def grammar(self):
+        from gptedge.runtime.structured import GrammarFactory
+
+        with self._lock:
+            if self._grammar is None:
+                self._grammar = GrammarFactory(self.model.tokenizer, self.model.stop_ids)
+            return self._grammar
+
+    def token_text(self, token: int) -> str:
+        return self.model.decode([token], skip_special_tokens=False)
+
+
+class State:
+    """The app's models, filled by a loading thread; /health answers 503 until it is done."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.models: dict[str, Served] = {}
+        self.ready = threading.Event()
+        self.error: str | None = None
+
+    def load(self) -> None:
+        from gptedge.runtime import Model
+
+        try:
+            for name, path in self.config.bundles:
+                model = Model.load(path, provider=self.config.provider, threads=self.config.threads)
+                pad = model.spec.special_tokens.get("pad_id", model.eos_id) or 0
+                batcher = Batcher(model.engine, rows=self.config.parallel, kv_budget_mb=self.config.kv_budget_mb,
+                                  max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}")
+                self.models[name] = Served(name, model, batcher)
+                log.info("gptedge serve: %s loaded (%s, %d rows of %d positions)", name, model.provider,
+                         batcher.rows, batcher.capacity)
+        except GptEdgeError as exc:
+            self.error = f"{exc}"
+        self.ready.set()
+
+    def close(self) -> None:
+        for served in self.models.values():
+            served.batcher.close()
+
+
+# -- plumbing ----------------------------------------------------------------------------------------------
+def error_response(exc: api.ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _check_key(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given[:7].lower() == "bearer " else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise api.ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_request_error",
+                           None, "invalid_api_key")
+
+
+async def _read_json(request: Request, limit: int, timeout: float) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise api.ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise api.ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise api.ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise api.bad(f"the request body is not valid JSON ({exc})") from None
+
+
+def _served(state: State, name: Any) -> Served:
+    if not state.ready.is_set() or state.error:
+        raise api.ApiError(503, "the models are still loading; retry when GET /health answers 200", "server_error",
+                           code="loading")
+    if name is not None and not isinstance(name, str):
+        raise api.bad(f"'model' must be a string naming a served model, got {type(name).__name__}", "model")
+    if name is None and len(state.models) == 1:
+        return next(iter(state.models.values()))
+    if name not in state.models:
+        raise api.ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {', '.join(state.models)}",
+                           param="model", code="model_not_found")
+    return state.models[name]
+
+
+# -- generation --------------------------------------------------------------------------------------------
+class Run:
+    """A plan's sequences in the batcher, their events on an asyncio queue."""
+
+    def __init__(self, plan: api.Plan, served: Served, start: float) -> None:
+        self.plan, self.served = plan, served
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+        loop = asyncio.get_running_loop()
+        try:
+            for c in plan.choices:
+                seq = Decoding(served.model.tokenizer, c.prompt_ids, c.params, length_reason=c.length_reason,
+                               logprobs=plan.logprobs, constraint=c.constraint() if c.constraint else None, start=start)
+                self.handles.append(served.batcher.submit(
+                    seq,
+                    lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, step, None, None)),
+                    lambda result, error, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, None, result, error)),
+                ))
+        except QueueFull as exc:
+            self.cancel()
+            raise api.ApiError(503, f"the server is busy: {exc}", "server_error", code="queue_full") from None
+        except GptEdgeError as exc:
+            self.cancel()
+            raise api.bad(str(exc), None, "context_length_exceeded" if "positions" in str(exc) else None) from None
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def events(self) -> AsyncIterator[tuple]:
+        left = len(self.handles)
+        while left:
+            event = await self.queue.get()
+            if event[1] is None:
+                left -= 1
+            yield event
+
+
+async def _watch_disconnect(request: Request, run: Run) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            run.cancel()
+            return
+
+
+def _logprobs(run: Run, entries, offset: int = 0) -> dict[str, Any]:
+    s = run.served
+    return api.logprobs_object(run.plan.kind, entries, s.token_text, lambda t, text: token_bytes(s.model.tokenizer, t, text),
+                               offset)
+
+
+async def _answer(request: Request, run: Run) -> JSONResponse:
+    watcher = asyncio.create_task(_watch_disconnect(request, run))
+    results: dict[int, Any] = {}
+    try:
+        async for index, _, result, error in run.events():
+            if error is not None:
+                raise api.ApiError(500, f"generation failed: {error}", "server_error")
+            if result is not None:
+                results[index] = result
+    finally:
+        watcher.cancel()
+    plan = run.plan
+    choices = []
+    for index in sorted(results):
+        r = results[index]
+        choice: dict[str, Any] = {"index": index, "finish_reason": api.finish_reason(r),
+                                  "logprobs": _logprobs(run, r.logprobs) if plan.logprobs is not None else None}
+        if plan.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": r.text}
+        else:
+            choice["text"] = r.text
+        choices.append(choice)
+    completion = sum(len(r.token_ids) for r in results.values())
+    return JSONResponse({
+        "id": plan.id, "object": "chat.completion" if plan.kind == "chat" else "text_completion", "created": plan.created,
+        "model": run.served.name, "choices": choices, "usage": api.usage(plan.prompt_tokens, completion),
+        "system_fingerprint": "gptedge",
+    })
+
+
+def _stream(request: Request, run: Run) -> StreamingResponse:
+    plan = run.plan
+    kind = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+
+    def chunk(index: int | None, text: str | None, finish: str | None, logprobs=None, first: bool = False) -> str:
+        body: dict[str, Any] = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
+                                "system_fingerprint": "gptedge", "choices": []}
+        if index is not None:
+            c: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
+            if plan.kind == "chat":
+                c["delta"] = ({"role": "assistant", "content": ""} if first else {} if text is None else {"content": text})
+            else:
+                c["text"] = text or ""
+            body["choices"] = [c]
+        if plan.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        watcher = asyncio.create_task(_watch_disconnect(request, run))
+        sent: dict[int, str] = {c.index: "" for c in plan.choices}
+        offsets: dict[int, int] = dict.fromkeys(sent, 0)
+        completion = 0
+        try:
+            if plan.kind == "chat":
+                for index in sent:
+                    yield chunk(index, None, None, first=True)
+            async for index, step, result, error in run.events():
+                if error is not None:
+                    err = api.ApiError(500, f"generation failed: {error}", "server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    return
+                if step is not None:
+                    lp = None
+                    if plan.logprobs is not None and step.logprob is not None:
+                        lp = _logprobs(run, [step.logprob], offsets[index])
+                        offsets[index] += len(run.served.token_text(step.token))
+                    if step.text or lp is not None:
+                        sent[index] += step.text
+                        yield chunk(index, step.text, None, lp)
+                    continue
+                tail = result.text[len(sent[index]):]
+                completion += len(result.token_ids)
+                yield chunk(index, tail if plan.kind != "chat" or tail else None, api.finish_reason(result))
+            if plan.include_usage:
+                final = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
+                         "system_fingerprint": "gptedge", "choices": [], "usage": api.usage(plan.prompt_tokens, completion)}
+                yield f"data: {json.dumps(final)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            run.cancel()  # a no-op for finished sequences; frees the rows of a client that went away
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- routes ------------------------------------------------------------------------------------------------
+def create_app(config: ServeConfig, state: State | None = None) -> Starlette:
+    """The ASGI app. Models load in a background thread started with the app (see State)."""
+    state = state or State(config)
+
+    async def generate(request: Request, kind: str) -> Response:
+        start = time.perf_counter()
+        try:
+            _check_key(request, config.api_key)
+            body = await _read_json(request, config.max_body_bytes, config.body_timeout_s)
+            served = _served(state, body.get("model") if isinstance(body, dict) else None)
+            plan = await asyncio.to_thread(api.build_plan, kind, body, served)  # tokenizing, grammar compiling
+            run = Run(plan, served, start)
+            return _stream(request, run) if plan.stream else await _answer(request, run)
+        except api.ApiError as exc:
+            return error_response(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    async def models(request: Request) -> Response:
+        try:
+            _check_key(request, config.api_key)
+        except api.ApiError as exc:
+            return error_response(exc)
+        data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "gptedge",
+                 "context_length": s.capacity, "provider": s.model.provider} for name, s in state.models.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        if state.error:
+            return JSONResponse({"status": "error", "error": state.error}, status_code=500)
+        if not state.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "models": {n: {"active": s.batcher.active, "waiting": s.batcher.waiting}
+                                                        for n, s in state.models.items()}})
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(api.ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                           code=codes.get(exc.status_code)))
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        log.exception("gptedge serve: unexpected error")
+        return error_response(api.ApiError(500, f"internal error ({type(exc).__name__}); see the server log", "server_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="gptedge-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.ready.wait)
+            state.close()
+
+    middleware = []
+    if config.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(
+        routes=[
+            Route("/", page), Route("/health", health), Route("/v1/models", models),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: crash},
+        lifespan=lifespan,
+    )
+    app.state.gptedge = state
+    return app
