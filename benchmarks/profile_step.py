@@ -35,17 +35,18 @@ def session(bundle: Path, profile_dir: str | None):
     return ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
 
 
-def run(bundle: Path, profile_dir: str | None) -> tuple[float, object]:
+def run(bundle: Path, profile_dir: str | None, batch: int = 1) -> tuple[float, object]:
     from gptedge.runtime.bundle import read_spec
     from gptedge.runtime.engine import Engine
 
     sess = session(bundle, profile_dir)
     engine = Engine(sess, read_spec(bundle))
-    cache = engine.new_cache(1, PROMPT + STEPS + 1)
-    engine.forward(cache, np.random.default_rng(0).integers(0, 1000, (1, PROMPT)))
+    cache = engine.new_cache(batch, PROMPT + STEPS + 1)
+    engine.forward(cache, np.random.default_rng(0).integers(0, 1000, (batch, PROMPT)))
+    token = np.full((batch, 1), 5, np.int64)
     start = time.perf_counter()
     for _ in range(STEPS):
-        engine.forward(cache, np.array([[5]], np.int64))
+        engine.forward(cache, token)
     return (time.perf_counter() - start) / STEPS * 1000, sess
 
 
@@ -53,11 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--name", help="results file name (default: the bundle's folder and parent)")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together in each step")
     args = parser.parse_args()
     pin_threads()
-    wall_ms, _ = run(args.bundle, None)
+    wall_ms, _ = run(args.bundle, None, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        _, sess = run(args.bundle, tmp)
+        _, sess = run(args.bundle, tmp, args.batch)
         events = json.loads(Path(sess.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run = len(nodes) // (STEPS + 1)
@@ -70,12 +72,12 @@ def main() -> None:
     total = sum(time_us.values())
     ops = [{"op": op, "ms_per_token": us / STEPS / 1000, "nodes": count[op] // STEPS, "share": us / total}
            for op, us in time_us.most_common()]
-    result = {"bundle": str(args.bundle), "prompt": PROMPT, "steps": STEPS, "threads": THREADS,
+    result = {"bundle": str(args.bundle), "prompt": PROMPT, "steps": STEPS, "threads": THREADS, "batch": args.batch,
               "wall_ms_per_token": wall_ms, "kernel_ms_per_token": total / STEPS / 1000, "ops": ops}
-    name = args.name or f"{args.bundle.parent.name}-{args.bundle.name}"
+    name = args.name or f"{args.bundle.parent.name}-{args.bundle.name}" + (f"-b{args.batch}" if args.batch > 1 else "")
     out = HERE / "results" / f"profile-{name}.json"
     out.write_text(json.dumps(result, indent=1))
-    print(f"{args.bundle}: {wall_ms:.2f} ms a token (no profiler), kernels {result['kernel_ms_per_token']:.2f} ms")
+    print(f"{args.bundle} x{args.batch}: {wall_ms:.2f} ms a step (no profiler), kernels {result['kernel_ms_per_token']:.2f} ms")
     for o in ops[:10]:
         print(f"  {o['op']:34s} {o['ms_per_token']:.3f} ms  {o['nodes']:3d} nodes  {o['share']:.1%}")
     print(f"wrote {out}")

@@ -85,9 +85,11 @@ def test_chat_equals_generate_on_the_rendered_template(client, runtime_model: Mo
 
 def test_n_choices_each_get_their_own_seed(client, runtime_model: Model) -> None:
     got = client.completions.create(model="tiny", prompt="Hello", temperature=1.0, seed=40, max_tokens=8, n=3,
-                                    extra_body={"stop_token_ids": []})
+                                    extra_body={"ignore_eos": True})
     texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
-    assert texts == [runtime_model.generate("Hello", temperature=1.0, seed=40 + j, max_new_tokens=8).text for j in range(3)]
+    assert texts == [runtime_model.generate("Hello", temperature=1.0, seed=40 + j, max_new_tokens=8, stop_token_ids=()).text
+                     for j in range(3)]
+    assert all(c.finish_reason == "length" for c in got.choices)  # ignore_eos: the budget always runs out
 
 
 def test_sampling_fields_and_stop_strings_reach_the_sampler(client, runtime_model: Model) -> None:
@@ -147,7 +149,7 @@ def test_disconnect_mid_stream_frees_the_row(server, runtime_model: Model) -> No
     url, state = server
     batcher = state.models["tiny"].batcher
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 110, "temperature": 1.0, "seed": 1, "stream": True,
-            "stop_token_ids": []}
+            "ignore_eos": True}
     steps_before = batcher.steps
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()

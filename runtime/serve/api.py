@@ -126,6 +126,8 @@ def parse_common(body: Any, kind: str) -> dict[str, Any]:
         stops = tuple(s for s in stop if s)
     else:
         raise bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if _get(body, "ignore_eos", (bool,), False, "true or false"):  # llama-server's and vLLM's extension
+        sampling["stop_token_ids"] = ()
     return {"model": model, "stream": stream, "include_usage": include_usage, "n": n, "sampling": sampling,
             "max_tokens": max_tokens, "max_name": max_name, "stops": stops}
 

@@ -261,7 +261,7 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
             body["choices"] = [c]
         if plan.include_usage:
             body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     async def body() -> AsyncIterator[str]:
         watcher = asyncio.create_task(_watch_disconnect(request, run))
