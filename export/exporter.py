@@ -30,8 +30,8 @@ from gptedge.runtime.bundle import (
     DTYPES, KV_UPDATES, MODEL_NAME, TARGETS, TOKENIZER_NAME, Architecture, BundleSpec, KVCacheSpec, sha256_file, write_spec,
 )
 from gptedge.runtime.chat import DEFAULT_TEMPLATE
+from gptedge.runtime.traits import TRAITS
 
-DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16", "dml": "fp16"}
 EOT = "<|endoftext|>"
 
 
@@ -128,13 +128,15 @@ def load_source(path: str | Path) -> Source:
 def _check_options(target: str, dtype: str | None, kv: str) -> str:
     if target not in TARGETS:
         raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
-    dtype = dtype or DEFAULT_DTYPE[target]
+    traits = TRAITS[target]
+    dtype = dtype or traits.default_dtype
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if kv not in KV_UPDATES:
         raise UsageError(f"kv {kv!r} is not one of {', '.join(KV_UPDATES)}")
-    if target == "cuda" and dtype == "fp32" and kv == "inplace":
-        raise UsageError("CUDA's GroupQueryAttention runs fp16 only: use --dtype fp16 for --target cuda, or --kv concat for an fp32 CUDA bundle")
+    if kv == "inplace" and dtype not in traits.gqa_dtypes:
+        raise UsageError(f"{traits.ort_name}'s GroupQueryAttention runs {' / '.join(traits.gqa_dtypes)} only: use --dtype "
+                         f"{traits.default_dtype} for --target {target}, or --kv concat for a {dtype} {target} bundle")
     return dtype
 
 

@@ -34,6 +34,7 @@ import torch
 
 from gptedge.errors import ExportError
 from gptedge.runtime.bundle import BundleSpec
+from gptedge.runtime.evaluate import greedy_decode
 from gptedge.train.model import GPT
 
 FP32_TOL = 1e-4
@@ -63,32 +64,6 @@ def make_prompts(vocab_size: int, context: int, steps: int, token_ids: list[int]
         source.append(int(rng.integers(0, vocab_size)))
     prompts = [source[: lengths[0]], [int(t) for t in rng.integers(0, vocab_size, lengths[1])]]
     return prompts, steps
-
-
-def run_batch(engine, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Right-padded prefill (logits for every position), then `steps` free-running greedy steps.
-
-    Returns each row's generated tokens and its ONNX logits [len(prompt) + steps, V], one per real position.
-    """
-    B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int64)
-    S = int(lengths.max())
-    cache = engine.new_cache(B, S + steps)
-    ids = np.zeros((B, S), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = p
-    logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S, dtype=np.int64), (B, 1)))
-    rows: list[list[np.ndarray]] = [list(logits[b, : lengths[b]].copy()) for b in range(B)]
-    streams: list[list[int]] = [[] for _ in range(B)]
-    for _ in range(steps):
-        nxt = np.array([int(r[-1].argmax()) for r in rows], np.int64)
-        for b in range(B):
-            streams[b].append(int(nxt[b]))
-        logits = engine.forward(cache, nxt.reshape(B, 1))
-        for b in range(B):
-            rows[b].append(logits[b, 0].copy())
-    engine.release(cache)
-    return streams, [np.stack(r).astype(np.float32) for r in rows]
 
 
 def run_chunk(engine, prompt: list[int], tokens: list[int]) -> np.ndarray:
@@ -162,7 +137,7 @@ def verify(model: GPT, onnx_path, spec: BundleSpec, *, steps: int = DEFAULT_STEP
     prompts, steps = make_prompts(spec.architecture.vocab_size, spec.architecture.context_length, steps, token_ids)
     try:
         engine = Engine(session(onnx_path), spec)
-        streams, rows = run_batch(engine, prompts, steps)
+        streams, rows = greedy_decode(engine, prompts, steps, keep_logits=True)
         chunk = run_chunk(engine, prompts[0], streams[0][:CHUNK]) if len(streams[0]) >= 1 else np.zeros((0, 1), np.float32)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
         raise ExportError(f"the exported graph failed to run in ONNX Runtime ({type(exc).__name__}: {exc}); nothing was written") from exc

@@ -5,6 +5,11 @@ filesystem, so the final `os.replace` is atomic) and renamed into place only
 when complete. A process killed half-way leaves at most a `.tmp-*` folder, which
 the next run removes; an existing folder at the destination stays intact until
 the new one is complete.
+
+Two processes writing the same destination at once: the first holds a lock (an OS file lock on a
+hidden `.lock-gptedge-NAME` file, released by the OS if the process dies), the second fails at once
+with OutputBusyError, so neither removes the other's temporary folder. Stale temporary folders are
+only cleaned while the lock is held, when they cannot belong to a live writer.
 """
 
 from __future__ import annotations
@@ -17,17 +22,24 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from gptedge.errors import GptEdgeError, OutputExistsError
+from gptedge.errors import GptEdgeError, OutputBusyError, OutputExistsError
 
 _TMP_PREFIX = ".tmp-gptedge-"
 _OLD_PREFIX = ".old-gptedge-"
+_LOCK_PREFIX = ".lock-gptedge-"
 
 
 def _clean_stale(parent: Path, name: str) -> None:
-    """Remove temporary folders that a killed earlier run left for this destination."""
+    """Remove temporary folders that a killed earlier run left for this destination (called with its lock held).
+
+    Only `<prefix><name>-<8 random characters>` (what mkdtemp makes here) counts, so destination "run" never
+    touches the temporary folder of a live writer of "run-2".
+    """
     for prefix in (_TMP_PREFIX, _OLD_PREFIX):
         for stale in parent.glob(f"{prefix}{name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            suffix = stale.name[len(prefix) + len(name) + 1:]
+            if len(suffix) == 8 and "-" not in suffix:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -43,12 +55,18 @@ def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iter
     if dest.exists() and not dest.is_dir():
         raise OutputExistsError(f"{dest} exists and is not a folder; remove it or choose another output path")
     parent = dest.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(parent, dest.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=parent))
-    except OSError as exc:
-        raise GptEdgeError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable output folder") from exc
+    with contextlib.ExitStack() as stack:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_destination_lock(parent, dest.name))
+            _clean_stale(parent, dest.name)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=parent))
+        except OSError as exc:
+            raise GptEdgeError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable output folder") from exc
+        yield from _fill_and_publish(tmp, dest)
+
+
+def _fill_and_publish(tmp: Path, dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         _replace_dir(tmp, dest)
@@ -62,10 +80,52 @@ def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iter
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@contextlib.contextmanager
+def _destination_lock(parent: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock for writing `parent/name`, or raise OutputBusyError if another process holds it."""
+    path = parent / f"{_LOCK_PREFIX}{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            raise OutputBusyError(f"another gptedge process is writing {parent / name} right now; wait for it to finish, "
+                                  "or choose another output folder")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # Windows keeps an open file; the next writer reuses it
+                os.unlink(path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _umask(folder: Path) -> int:
+    """The process umask, read from a file created in `folder`: os.umask can only be read by setting it, and for
+    that moment another thread of the app would create world-writable files."""
+    probe = folder / ".umask-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777)
+    try:
+        return ~os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _publish_permissions(folder: Path) -> None:
@@ -74,7 +134,7 @@ def _publish_permissions(folder: Path) -> None:
     mkdtemp creates 0700 and some writers (onnx's external data) create 0600; a bundle installed
     for every user of a laptop must be readable by all of them, as the umask allows.
     """
-    mask = _umask()
+    mask = _umask(folder)
     for path in [folder, *folder.rglob("*")]:
         if path.is_symlink():
             continue

@@ -49,5 +49,9 @@ class OutputExistsError(GptEdgeError):
     """The output path exists and --force was not given."""
 
 
+class OutputBusyError(GptEdgeError):
+    """Another process is writing the same output folder right now."""
+
+
 class TrainingDiverged(GptEdgeError):
     """The training loss stopped being a finite number; nothing from the diverged steps is saved."""

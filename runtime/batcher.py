@@ -87,6 +87,7 @@ class Batcher:
         self._arrays = [np.zeros(shape, engine.kv_dtype) for _ in engine.past_names] if self.shared else []
         self._lengths = np.zeros(self.rows, np.int64)
         self._views: dict[tuple[int, int], KVCache] = {}
+        self._feeds: dict[int, np.ndarray] = {}  # the token array each batch size k is fed, reused
         self._slots: list[BatchRequest | None] = [None] * self.rows
         self._waiting: collections.deque[BatchRequest] = collections.deque()
         self._wake = threading.Condition()
@@ -192,16 +193,22 @@ class Batcher:
         running = [s for s, r in enumerate(self._slots) if r is not None and r.prefilled == len(r.seq.prompt_ids)]
         if not running:
             return
-        k = max(running) + 1
+        k = running[-1] + 1
         cache = self._rows_cache(k)
-        feed = np.full((k, 1), self.pad_id, np.int64)
+        feed = self._feeds.get(k)
+        if feed is None:
+            feed = self._feeds[k] = np.full((k, 1), self.pad_id, np.int64)
+        packed = len(running) == k  # every row in [0, k) decodes: the common case, nothing to restore
+        if not packed:
+            feed[:, 0] = self.pad_id
         for s in running:
             feed[s, 0] = self._slots[s].seq.tokens[-1]
-        before = cache.lengths.copy()
+        before = None if packed else cache.lengths.copy()
         logits = self.engine.forward(cache, feed)[:, -1]
-        idle = np.ones(k, bool)
-        idle[running] = False
-        cache.lengths[idle] = before[idle]  # rows not decoding (free, or mid-prefill) keep their length
+        if not packed:
+            idle = np.ones(k, bool)
+            idle[running] = False
+            cache.lengths[idle] = before[idle]  # rows not decoding (free, or mid-prefill) keep their length
         self.steps += 1
         for request, row in [(self._slots[s], logits[s]) for s in running]:  # rows may move as others finish
             self._advance(request, row)

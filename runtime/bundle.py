@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from gptedge.errors import BundleError, UsageError
+from gptedge.runtime.traits import PROVIDER_NAMES
 
 FORMAT_VERSION = 1
 SPEC_NAME = "gptedge.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
-TARGETS = ("cpu", "cuda", "dml")
+TARGETS = PROVIDER_NAMES  # a bundle is built for one provider (gptedge.runtime.traits)
 DTYPES = ("fp32", "fp16")
 KV_UPDATES = ("inplace", "concat")
 # Anything bigger than this in gptedge.json's dimensions is a hostile or broken file, not a model.
@@ -180,13 +181,15 @@ class BundleSpec:
             raise BundleError(f"{SPEC_NAME}: generation_defaults are invalid ({exc}); fix or remove them, or re-export the bundle") from exc
 
 
-def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list], tensors: dict[str, list[int]]) -> None:
+def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list], position_tables: list[list[int]]) -> None:
     """Refuse a gptedge.json whose sizes or names disagree with the graph it describes.
 
     gptedge.json holds the checksums, so nothing checks it but this: without it, a hand-edited
     n_layer or head size makes the engine allocate KV buffers for the wrong model (terabytes for
     absurd values) and onnxruntime fail mid-generation. `inputs`/`outputs` map graph names to their
-    declared shapes (ints, or strings for symbolic axes); `tensors` maps initializer names to dims.
+    declared shapes (ints, or strings for symbolic axes); `position_tables` are the dims of the tables
+    the graph indexes with its position ids (one row per position: the context cannot be longer).
+    Runs on what the scanner read, before onnxruntime sees the file.
     """
     a, io = spec.architecture, spec.io
     problems = []
@@ -207,9 +210,9 @@ def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, li
         problems.append(f"no graph output {io.logits!r}")
     elif logits and isinstance(logits[-1], int) and logits[-1] != a.vocab_size:
         problems.append(f"vocab_size={a.vocab_size} but the logits have {logits[-1]} entries")
-    positions = tensors.get("transformer.wpe.weight")
-    if positions and a.context_length > positions[0]:
-        problems.append(f"context_length={a.context_length} but the position table has {positions[0]} rows")
+    for table in position_tables:
+        if table and a.context_length > table[0]:
+            problems.append(f"context_length={a.context_length} but a position table has {table[0]} rows")
     if problems:
         raise BundleError(f"{SPEC_NAME} does not match model.onnx ({'; '.join(problems)}); the bundle is corrupt or mixed up, re-export it")
 

@@ -27,6 +27,7 @@ from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.bundle import BundleSpec
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+POOL_LIMIT = 4  # idle KV caches kept per (batch, capacity): a burst of concurrent requests must not pin memory forever
 
 
 @dataclass
@@ -44,6 +45,20 @@ class KVCache:
     valid: np.ndarray | None = None  # "concat" only: [B, P] int64 attention mask of stored positions
     binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
     logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
+
+
+def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of any lengths as one batch: ids [B, max_len] padded on the right with `pad_id`, and lengths [B].
+
+    The graph reads `lengths` (seqlens / the attention mask), so pads are never attended to.
+    """
+    lengths = np.array([len(p) for p in prompts], np.int64)
+    if len(prompts) == 0 or lengths.min() < 1:
+        raise UsageError("every prompt needs at least one token")
+    ids = np.full((len(prompts), int(lengths.max())), pad_id, np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    return ids, lengths
 
 
 class Engine:
@@ -132,7 +147,7 @@ class Engine:
         if self.inplace and cache.binding is not None:
             with self._pool_lock:
                 pool = self._pool.setdefault((cache.batch, cache.capacity), [])
-                if len(pool) < 4:  # bounded: a burst of concurrent requests must not pin memory forever
+                if len(pool) < POOL_LIMIT:
                     pool.append(cache)
 
     def clear_pool(self) -> None:

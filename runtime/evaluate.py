@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gptedge.errors import UsageError
-from gptedge.runtime.engine import Engine
+from gptedge.runtime.engine import Engine, right_pad
 
 # Logits rows requested per forward call while scoring: bounds the [K, V] logits buffer to ~16 MiB.
 _LOGITS_BYTES = 1 << 24
@@ -143,19 +143,9 @@ def top1_agreement(reference: TokenScores, candidate: TokenScores) -> float:
     return float(np.mean(reference.top1 == candidate.top1)) if len(reference.top1) else float("nan")
 
 
-def _right_padded(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(p) for p in prompts], np.int64)
-    if len(prompts) == 0 or lengths.min() < 1:
-        raise UsageError("every prompt needs at least one token")
-    ids = np.zeros((len(prompts), int(lengths.max())), np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)] = prompt
-    return ids, lengths
-
-
 def next_token_logits(engine: Engine, prompts: Sequence[Sequence[int]]) -> np.ndarray:
     """Logits [B, V] (float32, a copy) for the token after each prompt; prompts are batched right-padded."""
-    ids, lengths = _right_padded(prompts)
+    ids, lengths = right_pad(prompts)
     cache = engine.new_cache(len(prompts), int(lengths.max()))
     try:
         return engine.forward(cache, ids, lengths)[:, -1].copy()
@@ -163,26 +153,44 @@ def next_token_logits(engine: Engine, prompts: Sequence[Sequence[int]]) -> np.nd
         engine.release(cache)
 
 
-def greedy_continuations(engine: Engine, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
-    """The next `n` greedy (argmax) tokens after each prompt, decoded as one batch; EOS does not stop it.
+def greedy_decode(engine: Engine, prompts: Sequence[Sequence[int]], n: int,
+                  keep_logits: bool = False) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    """The next `n` greedy (argmax) tokens after each prompt, decoded as one right-padded batch; EOS does not stop it.
 
-    Runs exactly as serving does: one prefill, then one token per step through the KV cache.
+    Runs exactly as serving does: one prefill, then one token per step through the KV cache, rows at
+    different lengths. `keep_logits`: also return each row's float32 logits at every real position
+    [len(prompt) + n, V] (the n-th token is fed too), which export verification compares with PyTorch.
     """
     if n < 1:
         raise UsageError(f"n must be >= 1, got {n}")
-    ids, lengths = _right_padded(prompts)
-    capacity = int(lengths.max()) + n - 1  # the last token is chosen, never fed
-    cache = engine.new_cache(len(prompts), capacity)
-    out = np.zeros((len(prompts), n), np.int64)
+    ids, lengths = right_pad(prompts)
+    B, S = ids.shape
+    cache = engine.new_cache(B, S + n - (0 if keep_logits else 1))  # without logits the last token is never fed
+    out = np.zeros((B, n), np.int64)
+    rows: list[list[np.ndarray]] | None = None
     try:
-        logits = engine.forward(cache, ids, lengths)  # [B, 1, V]
+        if keep_logits:
+            logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S, dtype=np.int64), (B, 1)))
+            rows = [list(logits[b, : lengths[b]].copy()) for b in range(B)]
+            last = np.stack([r[-1] for r in rows])
+        else:
+            last = engine.forward(cache, ids, lengths)[:, -1]
         for step in range(n):
-            out[:, step] = logits[:, -1].argmax(axis=-1)
-            if step + 1 < n:
-                logits = engine.forward(cache, out[:, step:step + 1])
+            out[:, step] = last.argmax(axis=-1)
+            if step + 1 < n or keep_logits:
+                last = engine.forward(cache, out[:, step:step + 1])[:, -1]
+                if rows is not None:
+                    for b in range(B):
+                        rows[b].append(last[b].copy())
     finally:
         engine.release(cache)
-    return out.tolist()
+    logits_out = None if rows is None else [np.stack(r).astype(np.float32) for r in rows]
+    return out.tolist(), logits_out
+
+
+def greedy_continuations(engine: Engine, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """The next `n` greedy tokens after each prompt (see greedy_decode)."""
+    return greedy_decode(engine, prompts, n)[0]
 
 
 def greedy_continuation(engine: Engine, prompt_ids: Sequence[int], n: int) -> list[int]:

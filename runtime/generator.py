@@ -15,7 +15,7 @@ import numpy as np
 
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.decoding import CancelToken, Decoding, GenerationResult, Timings
-from gptedge.runtime.engine import Engine, KVCache
+from gptedge.runtime.engine import Engine, KVCache, right_pad
 
 __all__ = ["CancelToken", "Decoding", "GenerationResult", "Timings", "generate_rows", "prefill", "stream_tokens"]
 
@@ -102,13 +102,10 @@ def generate_rows(engine: Engine, seqs: Sequence[Decoding], *, cancel=None, pad_
     ignored) until every row is done.
     """
     B = len(seqs)
-    lengths = np.array([len(s.prompt_ids) for s in seqs], np.int64)
     needed = max(s.positions_needed for s in seqs)
     if needed > engine.arch.context_length:
         raise ContextLengthError(f"a batch row needs {needed} positions, more than the context of {engine.arch.context_length}")
-    ids = np.full((B, int(lengths.max())), pad_id, np.int64)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.prompt_ids)] = s.prompt_ids
+    ids, lengths = right_pad([s.prompt_ids for s in seqs], pad_id)
     cache = engine.new_cache(B, kv_capacity(needed, engine.arch.context_length))
     try:
         logits = engine.forward(cache, ids, lengths)[:, -1]  # [B, V]

@@ -12,8 +12,6 @@ One loaded model serves concurrent generations from many threads: each call gets
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -22,18 +20,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from gptedge.atomic import atomic_write_bytes
-from gptedge.errors import BundleError, ContextLengthError, UsageError
+from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime import optimum
-from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph, read_spec
+from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
+from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph
 from gptedge.runtime.engine import Engine
 from gptedge.runtime.decoding import Decoding, GenerationResult
 from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
-from gptedge.runtime.onnx_scan import scan_model
-from gptedge.runtime.providers import PROVIDERS, ProviderChoice, SessionInfo, cache_key, cache_root, choose_provider, create_session
+from gptedge.runtime.onnx_scan import scan_graph
+from gptedge.runtime.providers import PROVIDERS, SessionInfo, cache_key, choose_provider, create_session
 from gptedge.runtime.sampling import SamplingParams, softmax
 
 log = logging.getLogger("gptedge.runtime")
@@ -117,16 +114,17 @@ class Model:
             raise UsageError(f"Model.load needs the path of a bundle folder, got {path!r}")
         folder = Path(path)
         if optimum.is_optimum_folder(folder):
-            return optimum.load(cls, folder, provider, threads, start)
+            engine, tokenizer, spec, info = optimum.load(folder, provider, threads)
+            return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
         spec = read_verified_spec(folder, verify)
         choice = choose_provider(provider, spec)
         model_path = folder / MODEL_NAME
-        tensors = scan_model(model_path)  # before onnxruntime reads a byte of it
+        scan = scan_graph(model_path)  # before onnxruntime reads a byte of it
+        # gptedge.json is not covered by its own checksums: its sizes must describe this graph before anything is sized by them.
+        check_graph(spec, scan.inputs, scan.outputs, scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [])
         tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
         key = cache_key(spec, folder, choice.name) if cache else None
         session, info = create_session(model_path, choice, threads, key)
-        # gptedge.json is not covered by its own checksums: its sizes must describe this graph before the engine sizes buffers by them.
-        check_graph(spec, _shapes(session.get_inputs()), _shapes(session.get_outputs()), {t.name: t.dims for t in tensors})
         engine = make_engine(session, spec, info.choice)
         return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
 
@@ -319,70 +317,6 @@ class Model:
         a = self.spec.architecture
         return (f"Model({str(self.folder)!r}, provider={self.provider!r}, dtype={self.spec.dtype!r}, "
                 f"n_layer={a.n_layer}, n_embd={a.n_embd}, context={a.context_length}, vocab={a.vocab_size})")
-
-
-# -- helpers shared with the Optimum loader ------------------------------------------------------------------
-def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    if not path.is_file():
-        raise BundleError(f"{path} is missing; a bundle keeps its tokenizer as {TOKENIZER_NAME}")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on parse errors
-        raise BundleError(f"{path} is not a valid tokenizer.json ({exc}); re-export the bundle") from exc
-    if tok.get_vocab_size() > vocab_size:
-        log.info("tokenizer has %d entries, the model %d: ids above the model's vocabulary are refused", tok.get_vocab_size(), vocab_size)
-    return tok
-
-
-def read_verified_spec(folder: Path, verify: bool) -> BundleSpec:
-    """read_spec, skipping the sha256 pass when these exact files (same stat) were verified before.
-
-    Hashing is most of a warm load (0.5 GB of weights: ~1 s). A file rewritten in any way changes its
-    mtime or ctime (ctime cannot be set back by the user), so a match means the bytes hashed earlier.
-    """
-    if not verify:
-        return read_spec(folder, verify_checksums=False)
-    spec = read_spec(folder, verify_checksums=False)  # format version, sizes, files present and inside
-    record = {"files": spec.files, "stats": _stats(folder, spec)}
-    stamp = cache_root() / "verified" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".json")
-    try:
-        if json.loads(stamp.read_text(encoding="utf-8")) == record:
-            return spec
-    except (OSError, ValueError):
-        pass
-    spec = read_spec(folder, verify_checksums=True)
-    try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(stamp, json.dumps(record).encode())
-    except OSError as exc:
-        log.info("gptedge: cannot record the verified checksums in %s (%s); the next load hashes again", stamp, exc)
-    return spec
-
-
-def _stats(folder: Path, spec: BundleSpec) -> dict[str, list[int]]:
-    out = {}
-    for relative in sorted(spec.files):
-        st = (folder / relative).stat()
-        out[relative] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    out["gptedge.json"] = [(folder / "gptedge.json").stat().st_mtime_ns]
-    return out
-
-
-def make_engine(session: ort.InferenceSession, spec: BundleSpec, choice: ProviderChoice) -> Engine:
-    """The Engine for a session: KV on the provider's device (IO binding), DirectML runs serialized."""
-    device = choice.device
-    if device == "dml":
-        try:  # OrtValues on DirectML need an onnxruntime-directml build that exposes the device
-            ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, "dml", 0)
-        except Exception as exc:  # noqa: BLE001 - keep the KV on the host instead
-            log.warning("gptedge: cannot place the KV cache on the DirectML device (%s); keeping it in host memory", exc)
-            device = "cpu"
-    return Engine(session, spec, device=device, serialize_runs=choice.serialize_runs)
-
-
-def _shapes(args) -> dict[str, list]:
-    """{name: declared shape} of onnxruntime NodeArgs (ints, or strings for symbolic axes)."""
-    return {a.name: list(a.shape or []) for a in args}
 
 
 def _check_cancel(cancel) -> None:

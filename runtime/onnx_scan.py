@@ -6,6 +6,11 @@ tensor's shape. A hostile file can point those paths outside the bundle folder
 terabytes. This module walks the protobuf wire format directly (the runtime does
 not depend on `onnx`) and refuses both before any allocation happens.
 
+It also reads what a bundle's gptedge.json must agree with, so that check runs before a session
+exists too: the graph's declared inputs and outputs (ValueInfoProto: name 1, type 2 -> tensor_type 1
+-> shape 2 -> dim 1 -> dim_value 1 | dim_param 2) and the tables its top-level Gather nodes index with
+the graph input `position_ids` (NodeProto: input 1, op_type 4).
+
 Only the fields that can hold tensors are followed:
 ModelProto.graph(7), .functions(25) -> GraphProto.node(1), .initializer(5), .sparse_initializer(15);
 NodeProto.attribute(5) -> AttributeProto.t(5), .g(6), .tensors(10), .graphs(11), .sparse_tensor(22), .sparse_tensors(23);
@@ -113,6 +118,69 @@ def _tensor(buf: memoryview) -> TensorInfo:
     return info
 
 
+@dataclass
+class GraphScan:
+    """What the scan read: every tensor (checked), the graph's declared inputs / outputs, and position tables."""
+
+    tensors: list[TensorInfo] = field(default_factory=list)
+    inputs: dict[str, list] = field(default_factory=dict)  # name -> dims (ints, or strings for symbolic axes)
+    outputs: dict[str, list] = field(default_factory=dict)
+    gathers: list[tuple[str, str]] = field(default_factory=list)  # (table, indices) of top-level Gather nodes
+
+    def gathered_by(self, indices: str) -> list[list[int]]:
+        """Dims of the initializers a top-level Gather indexes with `indices` (a position table has one row a position)."""
+        dims = {t.name: t.dims for t in self.tensors}
+        return [dims[table] for table, idx in self.gathers if idx == indices and table in dims]
+
+
+def _value_info(buf: memoryview) -> tuple[str, list]:
+    name, dims = "", []
+    for number, wire, value in _fields(buf):
+        if number == 1 and wire == 2:
+            name = bytes(value).decode("utf-8", "replace")
+        elif number == 2 and wire == 2:  # TypeProto
+            for n1, w1, tensor_type in _fields(value):
+                if n1 == 1 and w1 == 2:
+                    for n2, w2, shape in _fields(tensor_type):
+                        if n2 == 2 and w2 == 2:
+                            dims = [_dim(d) for n3, w3, d in _fields(shape) if n3 == 1 and w3 == 2]
+    return name, dims
+
+
+def _dim(buf: memoryview) -> int | str:
+    for number, wire, value in _fields(buf):
+        if number == 1 and wire == 0:
+            return _signed64(value)
+        if number == 2 and wire == 2:
+            return bytes(value).decode("utf-8", "replace")
+    return "?"
+
+
+def _node(buf: memoryview) -> tuple[str, list[str]]:
+    op, inputs = "", []
+    for number, wire, value in _fields(buf):
+        if number == 1 and wire == 2:
+            inputs.append(bytes(value).decode("utf-8", "replace"))
+        elif number == 4 and wire == 2:
+            op = bytes(value).decode("utf-8", "replace")
+    return op, inputs
+
+
+def _walk_main_graph(buf: memoryview, scan: GraphScan) -> None:
+    for number, wire, value in _fields(buf):
+        if number == 7 and wire == 2:  # ModelProto.graph
+            for n, w, v in _fields(value):
+                if w != 2:
+                    continue
+                if n in (11, 12):  # GraphProto.input / output
+                    name, dims = _value_info(v)
+                    (scan.inputs if n == 11 else scan.outputs)[name] = dims
+                elif n == 1:
+                    op, inputs = _node(v)
+                    if op == "Gather" and len(inputs) >= 2:
+                        scan.gathers.append((inputs[0], inputs[1]))
+
+
 def _walk(buf: memoryview, kind: str, out: list[TensorInfo]) -> None:
     for number, wire, value in _fields(buf):
         if wire != 2:
@@ -132,7 +200,12 @@ def _walk(buf: memoryview, kind: str, out: list[TensorInfo]) -> None:
 
 
 def scan_model(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> list[TensorInfo]:
-    """Return every tensor the model declares, after refusing unsafe or impossible ones.
+    """Return every tensor the model declares, after refusing unsafe or impossible ones (see scan_graph)."""
+    return scan_graph(model_path, max_bytes).tensors
+
+
+def scan_graph(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> GraphScan:
+    """Every tensor the model declares, its graph inputs / outputs and Gathers, after refusing unsafe or impossible ones.
 
     Refuses: external data outside the model's folder or missing; an external range past the end of
     its file; inline or external data whose size disagrees with the declared shape; any tensor whose
@@ -143,11 +216,12 @@ def scan_model(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> 
     if not model_path.is_file() or model_path.stat().st_size == 0:
         raise BundleError(f"{model_path} is missing or empty; re-export or re-copy the bundle")
     problem = None
+    scan = GraphScan()
     with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        tensors: list[TensorInfo] = []
         view = memoryview(mm)
         try:
-            _walk(view, "model", tensors)
+            _walk(view, "model", scan.tensors)
+            _walk_main_graph(view, scan)
         except BundleError as exc:
             # Raise after the mmap is closed: the traceback's frames hold slices of it, and closing an
             # mmap with live slices raises BufferError, which would hide this message.
@@ -156,9 +230,9 @@ def scan_model(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> 
             view.release()
     if problem is not None:
         raise BundleError(problem)
-    for t in tensors:
+    for t in scan.tensors:
         _check_tensor(t, folder, max_bytes)
-    return tensors
+    return scan
 
 
 def _check_tensor(t: TensorInfo, folder: Path, max_bytes: int) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +104,12 @@ def spec_from_graph(config: dict[str, Any], inputs: dict[str, str], outputs: lis
     )
 
 
-def load(model_cls, folder: Path, provider: str, threads: int | None, start: float):
-    """`Model.load` for an Optimum folder: scan, session, synthesized spec, the same Engine."""
-    from gptedge.runtime.model import load_tokenizer, make_engine
+def load(folder: Path, provider: str, threads: int | None):
+    """`Model.load`'s work for an Optimum folder: scan, session, synthesized spec, the same Engine.
+
+    Returns (engine, tokenizer, spec, session info).
+    """
+    from gptedge.runtime.loading import load_tokenizer, make_engine
     from gptedge.runtime.providers import choose_provider, create_session
 
     config = _config(folder)
@@ -118,8 +120,7 @@ def load(model_cls, folder: Path, provider: str, threads: int | None, start: flo
     session, info = create_session(model_path, choice, threads, key=None)
     spec = spec_from_graph(config, {i.name: i.type for i in session.get_inputs()}, [o.name for o in session.get_outputs()])
     tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
-    engine = make_engine(session, spec, info.choice)
-    return model_cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
+    return make_engine(session, spec, info.choice), tokenizer, spec, info
 
 
 def spec_from_graph_names_only(config: dict[str, Any]) -> BundleSpec:

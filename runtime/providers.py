@@ -39,15 +39,11 @@ import onnxruntime as ort
 from gptedge.errors import BundleError, ProviderError, UsageError
 from gptedge.runtime.bundle import BundleSpec
 from gptedge.runtime.onnx_scan import scan_model
+from gptedge.runtime.traits import AUTO_ORDER, PROVIDER_NAMES, TRAITS, quantization_kind
 
 log = logging.getLogger("gptedge.runtime")
 
-PROVIDERS = ("auto", "cpu", "cuda", "dml")
-ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
-_INSTALL_HINT = {
-    "cuda": "install onnxruntime-gpu (and CUDA 12 + cuDNN 9) instead of onnxruntime",
-    "dml": "install onnxruntime-directml on Windows instead of onnxruntime",
-}
+PROVIDERS = ("auto", *PROVIDER_NAMES)
 CACHE_VERSION = "1"  # bump when the cached files' layout changes
 
 
@@ -60,19 +56,21 @@ class ProviderChoice:
 
     @property
     def ort_providers(self) -> list[str]:
-        return [ORT_NAMES[self.name]] + ([] if self.name == "cpu" else [ORT_NAMES["cpu"]])
+        return [TRAITS[self.name].ort_name] + ([] if self.name == "cpu" else [TRAITS["cpu"].ort_name])
 
 
 def incompatibility(name: str, spec: BundleSpec) -> str | None:
     """Why provider `name` cannot run this bundle well, or None when it can."""
-    if name == "cuda" and spec.kv_cache.update == "inplace" and spec.kv_cache.dtype != "fp16":
+    t = TRAITS[name]
+    if spec.kv_cache.update == "inplace" and spec.kv_cache.dtype not in t.gqa_dtypes:
         return (
-            f"onnxruntime's CUDA GroupQueryAttention runs fp16 only and this bundle's KV cache is {spec.kv_cache.dtype} "
-            f"(built for target {spec.target}); export with --target cuda (fp16) to run on the GPU"
+            f"onnxruntime's {t.ort_name} GroupQueryAttention runs {' / '.join(t.gqa_dtypes)} only and this bundle's KV "
+            f"cache is {spec.kv_cache.dtype} (built for target {spec.target}); export with --target {name} to run there"
         )
-    method = str((spec.quantization or {}).get("method", ""))
-    if name == "cuda" and "dynamic" in method:
-        return "dynamic INT8 kernels (DynamicQuantizeMatMul) exist on CPU and DirectML only; quantize with a weight-only recipe for CUDA"
+    kind = quantization_kind(spec.quantization)
+    missing = t.int8_kernels.get(kind) if kind else None
+    if missing:
+        return f"{missing}; quantize with a weight-only recipe for {name}"
     return None
 
 
@@ -81,18 +79,19 @@ def choose_provider(requested: str, spec: BundleSpec, available: list[str] | Non
     if requested not in PROVIDERS:
         raise UsageError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
     available = ort.get_available_providers() if available is None else available
-    offered = [name for name, ort_name in ORT_NAMES.items() if ort_name in available]
+    offered = [name for name, t in TRAITS.items() if t.ort_name in available]
     if requested == "auto":
-        for name in ("cuda", "dml"):
+        for name in AUTO_ORDER:
             if name in offered and incompatibility(name, spec) is None:
                 return _choice(name)
         if spec.target != "cpu" and spec.target not in offered:
-            return _fallback(f"the bundle was built for {spec.target} but onnxruntime offers no {ORT_NAMES[spec.target]} "
-                             f"({_INSTALL_HINT[spec.target]}); running on CPU")
+            t = TRAITS[spec.target]
+            return _fallback(f"the bundle was built for {spec.target} but onnxruntime offers no {t.ort_name} "
+                             f"({t.install_hint}); running on CPU")
         return _choice("cpu")
     if requested != "cpu" and requested not in offered:
         return _fallback(f"provider {requested!r} is not available in this onnxruntime ({', '.join(available)}); "
-                         f"{_INSTALL_HINT[requested]}; running on CPU")
+                         f"{TRAITS[requested].install_hint}; running on CPU")
     why = incompatibility(requested, spec)
     if why:
         return _fallback(f"provider {requested!r} cannot run this bundle: {why}; running on CPU")
@@ -102,7 +101,8 @@ def choose_provider(requested: str, spec: BundleSpec, available: list[str] | Non
 
 
 def _choice(name: str, reason: str = "") -> ProviderChoice:
-    return ProviderChoice(name=name, device=name, serialize_runs=name == "dml", reason=reason)
+    t = TRAITS[name]
+    return ProviderChoice(name=name, device=t.kv_device, serialize_runs=t.serialize_runs, reason=reason)
 
 
 def _fallback(reason: str) -> ProviderChoice:
@@ -147,8 +147,7 @@ def session_options(choice: ProviderChoice, threads: int | None) -> ort.SessionO
     # Measured (GPT-2-124M, 2 threads): the same tokens/s on an idle machine, about 1.5x faster while other
     # processes compete for the cores, and no idle threads burning CPU between requests in an app.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if choice.name == "dml":
-        so.enable_mem_pattern = False  # DirectML requires it off
+    so.enable_mem_pattern = TRAITS[choice.name].memory_pattern
     return so
 
 
@@ -187,12 +186,12 @@ class SessionInfo:
 def create_session(model_path: Path, choice: ProviderChoice, threads: int | None, key: str | None) -> tuple[ort.InferenceSession, SessionInfo]:
     """Build the session, reading or filling the optimized-graph cache when `key` is given.
 
-    DirectML is never cached (its fused nodes cannot be serialized). A cache problem costs speed only:
+    Providers whose optimized graphs cannot be saved (DirectML's fused nodes) are not cached. A cache problem costs speed only:
     the session is then built from the bundle directly.
     """
     session_options(choice, threads)  # a bad argument fails here, before the cache is read (or dropped as "broken")
     session, info = None, SessionInfo(choice, "off", model_path)
-    if key is not None and choice.name != "dml":
+    if key is not None and TRAITS[choice.name].graph_cache:
         entry = cache_root() / "graphs" / key
         try:
             session, info = _cached_session(model_path, choice, threads, entry)
@@ -238,9 +237,10 @@ def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | Non
 
 def _check_providers(session: ort.InferenceSession, info: SessionInfo) -> SessionInfo:
     """onnxruntime drops a provider that fails to start (missing CUDA libraries) without raising: say so."""
-    if info.choice.name == "cpu" or ORT_NAMES[info.choice.name] in session.get_providers():
+    ort_name = TRAITS[info.choice.name].ort_name
+    if info.choice.name == "cpu" or ort_name in session.get_providers():
         return info
-    reason = (f"onnxruntime could not start {ORT_NAMES[info.choice.name]} (see its log above: usually missing "
+    reason = (f"onnxruntime could not start {ort_name} (see its log above: usually missing "
               f"CUDA/cuDNN libraries or drivers); running on CPU")
     _warn(reason)
     return SessionInfo(_choice("cpu", reason), info.cache, info.model_path)
@@ -266,7 +266,7 @@ def _preload_cuda_libraries() -> None:
 
 def _session(path: Path, so: ort.SessionOptions, choice: ProviderChoice) -> ort.InferenceSession:
     """An InferenceSession, with onnxruntime's failures turned into gptedge errors that say what to do."""
-    if choice.name == "cuda":
+    if TRAITS[choice.name].preload_nvidia_libraries:
         _preload_cuda_libraries()
     try:
         return ort.InferenceSession(str(path), so, providers=choice.ort_providers)

@@ -56,7 +56,7 @@ def main() -> int:
     start = time.perf_counter()
     bundle = export_cuda_bundle(args.out / f"bundle-cuda-{args.size}", args.size)
     export_s = time.perf_counter() - start
-    from gptedge.runtime.cli import format_bench, run_bench
+    from gptedge.runtime.bench import format_bench, run_bench
 
     context = SIZES[args.size]["block_size"]
     result = run_bench(bundle, "cuda", None, prompt_tokens=128, new_tokens=128, late_position=min(900, context - 128), runs=3)

@@ -354,5 +354,10 @@ def test_failed_verification_writes_nothing(bundle_cpu, tmp_path: Path, monkeypa
     assert_nothing_written(tmp_path, {"other", "bundle"})
 
 
-def test_default_dtype_per_target() -> None:
-    assert exporter.DEFAULT_DTYPE == {"cpu": "fp32", "cuda": "fp16", "dml": "fp16"}
+def test_dtype_defaults_and_limits_follow_the_provider_traits() -> None:
+    """GPUs get fp16 by default; an in-place CUDA bundle must be fp16 (its GroupQueryAttention is fp16-only)."""
+    assert [exporter._check_options(t, None, "inplace") for t in ("cpu", "cuda", "dml")] == ["fp32", "fp16", "fp16"]
+    assert exporter._check_options("dml", "fp32", "inplace") == "fp32"  # DirectML's GQA takes fp32 too
+    assert exporter._check_options("cuda", "fp32", "concat") == "fp32"  # no GroupQueryAttention in a concat graph
+    with pytest.raises(UsageError, match="runs fp16 only: use --dtype fp16 for --target cuda, or --kv concat"):
+        exporter._check_options("cuda", "fp32", "inplace")

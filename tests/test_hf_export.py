@@ -24,6 +24,7 @@ from gptedge.export.exporter import export_bundle  # noqa: E402
 from gptedge.export.verify import session  # noqa: E402
 from gptedge.runtime.bundle import read_spec  # noqa: E402
 from gptedge.runtime.engine import Engine  # noqa: E402
+from gptedge.runtime.evaluate import greedy_decode  # noqa: E402
 
 TEXT = ["def add(a, b):\n    return a + b\n", "hello world, the quick brown fox\n", "for i in range(10): print(i)\n"] * 20
 EOT = "<|endoftext|>"
@@ -75,24 +76,7 @@ def right_padded_greedy(bundle: Path, prompts: list[list[int]], steps: int) -> t
 
     Returns each row's generated tokens and its logits at every real position (prompt and generated).
     """
-    engine = Engine(session(bundle / "model.onnx"), read_spec(bundle))
-    lengths = np.array([len(p) for p in prompts])
-    S = int(lengths.max())
-    ids = np.zeros((len(prompts), S), np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = p
-    cache = engine.new_cache(len(prompts), S + steps)
-    logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S), (len(prompts), 1)))
-    rows = [list(logits[r, : lengths[r]].copy()) for r in range(len(prompts))]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    for _ in range(steps):
-        nxt = np.array([int(r[-1].argmax()) for r in rows])
-        for r in range(len(prompts)):
-            tokens[r].append(int(nxt[r]))
-        logits = engine.forward(cache, nxt.reshape(-1, 1))
-        for r in range(len(prompts)):
-            rows[r].append(logits[r, 0].copy())
-    return tokens, [np.stack(r) for r in rows]
+    return greedy_decode(Engine(session(bundle / "model.onnx"), read_spec(bundle)), prompts, steps, keep_logits=True)
 
 
 @pytest.mark.parametrize("name", ["gelu_new-safetensors", "gelu-bin-slowtok"])

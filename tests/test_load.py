@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import psutil
 
 from gptedge.runtime import CancelToken, Model
-from gptedge.runtime.engine import KVCache
+from gptedge.runtime.engine import POOL_LIMIT, KVCache
 
 THREADS, PER_THREAD = 8, 50
 DEADLINE_S = 60.0  # a deadlock fails here instead of hanging the suite
-POOL_LIMIT = 4  # Engine.release keeps at most this many caches per (batch, capacity)
 PROMPTS = [
     "def add(a, b):", "Hello world!", "你好，世界。", "The quick brown fox jumps over the lazy dog and",
     "x = 1\ny =", "😀🎉", "import os\nprint(os.getcwd())\n" * 3, "Ünïcödé ñ",

@@ -61,8 +61,11 @@ def test_unavailable_provider_falls_back_with_the_reason() -> None:
 def test_fp32_gqa_bundle_on_cuda_falls_back_to_cpu() -> None:
     choice, warned = choose("cuda", spec("fp32"), [CUDA, CPU])
     assert choice.name == "cpu" and "fp16 only" in warned[0] and "--target cuda" in warned[0]
-    choice, warned = choose("cuda", spec("fp32", quantization={"method": "dynamic_int8"}, kv="concat"), [CUDA, CPU])
-    assert choice.name == "cpu" and "DynamicQuantizeMatMul" in warned[0]
+    for quantization in ({"method": "int8-dynamic", "kind": "dynamic"}, {"method": "int8-dynamic"}):  # recorded, legacy
+        choice, warned = choose("cuda", spec("fp32", quantization=quantization, kv="concat"), [CUDA, CPU])
+        assert choice.name == "cpu" and "DynamicQuantizeMatMul" in warned[0]
+    choice, _ = choose("cuda", spec("fp32", quantization={"method": "int8-weight", "kind": "weight"}, kv="concat"), [CUDA, CPU])
+    assert choice.name == "cuda"
 
 
 def test_explicit_choices() -> None:

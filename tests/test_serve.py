@@ -90,6 +90,13 @@ def test_n_choices_each_get_their_own_seed(client, runtime_model: Model) -> None
     assert texts == [runtime_model.generate("Hello", temperature=1.0, seed=40 + j, max_new_tokens=8, stop_token_ids=()).text
                      for j in range(3)]
     assert all(c.finish_reason == "length" for c in got.choices)  # ignore_eos: the budget always runs out
+    assert got.usage.prompt_tokens == len(runtime_model.encode("Hello")) and got.usage.completion_tokens == 24
+    two = client.completions.create(model="tiny", prompt=["Hello", "def f():"], temperature=0, max_tokens=4, n=2,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert two.choices[2].text == runtime_model.generate("def f():", temperature=0, max_new_tokens=4,
+                                                         stop_token_ids=()).text
+    assert two.usage.prompt_tokens == len(runtime_model.encode("Hello")) + len(runtime_model.encode("def f():"))
 
 
 def test_sampling_fields_and_stop_strings_reach_the_sampler(client, runtime_model: Model) -> None:

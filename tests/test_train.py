@@ -274,10 +274,13 @@ def test_presets_resolve_and_unknown_preset_lists_them() -> None:
 
 
 def test_device_choice() -> None:
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        assert pick_device("auto", DistEnv()).type == "cuda" and pick_device("cuda", DistEnv()).type == "cuda"
+    else:
         assert pick_device("auto", DistEnv()).type in ("cpu", "mps")
         with pytest.raises(UsageError, match="no usable CUDA"):
             pick_device("cuda", DistEnv())
+    assert pick_device("cpu", DistEnv()).type == "cpu"
     with pytest.raises(UsageError, match="unknown device"):
         pick_device("tpu", DistEnv())
 

@@ -297,8 +297,9 @@ def test_impossible_tensor_shape_is_refused_before_any_allocation(runtime_bundle
     dict(vocab_size=1 << 22),
     dict(context_length=1 << 22),  # the graph's position table has 128 rows
 ], ids=["layers", "heads", "vocab", "context"])
-def test_spec_dimensions_must_match_the_graph(runtime_bundle: Path, tmp_path: Path, arch) -> None:
-    """gptedge.json is not covered by its own checksums: absurd sizes there are refused before the engine allocates."""
+def test_spec_dimensions_must_match_the_graph(runtime_bundle: Path, tmp_path: Path, arch, no_onnxruntime) -> None:
+    """gptedge.json is not covered by its own checksums: absurd sizes there are refused before onnxruntime or the engine
+    sees them (the scanner reads the graph's declared inputs, outputs and position tables)."""
     folder = copy_bundle(runtime_bundle, tmp_path / "bundle")
     rewrite_spec(folder, lambda s: s["architecture"].update(arch), rechecksum=False)
     with stays_small(), pytest.raises(BundleError, match="does not match model.onnx"):
