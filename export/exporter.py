@@ -256,7 +256,7 @@ def export_bundle(
     with atomic_output_dir(out_dir, force=force) as tmp:
         model = export_model(src.model, context, dtype)
         with log.stage("trace", f"tracing the graph (dynamo, opset {OPSET}, kv={kv}, {dtype}) and saving it"):
-            stats = export_graph(model, kv, tmp / MODEL_NAME, context_length=context)
+            stats = export_graph(model, kv, tmp / MODEL_NAME, context_length=context, target=target)
         del model
         if src.tokenizer_file is not None:
             shutil.copyfile(src.tokenizer_file, tmp / TOKENIZER_NAME)

@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
-from gptedge.train.model import GPT, fused_norms
+from gptedge.runtime.traits import TRAITS
+from gptedge.train.model import GPT, fused_kernels
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -212,8 +213,12 @@ class GraphStats:
     op_types: dict[str, int]
 
 
-def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, verbose: bool = False) -> GraphStats:
-    """Trace `model` (already in its export dtype, eval mode) and save `path` + `path.data`."""
+def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target: str = "cpu",
+                 verbose: bool = False) -> GraphStats:
+    """Trace `model` (already in its export dtype, eval mode) and save `path` + `path.data`.
+
+    In-place graphs use ONNX Runtime's fused kernels that the `target` provider has (runtime/traits.py).
+    """
     import onnx
 
     wrapper = (InplaceGraph if kv == "inplace" else ConcatGraph)(model).eval()
@@ -224,8 +229,8 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, verbos
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a GPT
     try:
-        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused norms too. "concat" stays portable.
-        fused = fused_norms() if kv == "inplace" else contextlib.nullcontext()
+        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused kernels too. "concat" stays portable.
+        fused = fused_kernels(gelu=TRAITS[target].fused_gelu) if kv == "inplace" else contextlib.nullcontext()
         with warnings.catch_warnings(), torch.no_grad(), fused:
             warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; real failures raise
             program = torch.onnx.export(

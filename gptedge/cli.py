@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -33,6 +34,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gptedge.runtime.serve.cli", "serve bundles over an OpenAI-compatible HTTP API with a chat page (extra: serve)"),
     "demo": ("gptedge.demo", "train -> export -> quantize -> generate on the embedded default corpus, in one folder"),
 }
+
+
+# A module that only an optional install brings -> what to install, so a missing extra is one line, not a traceback.
+EXTRAS: dict[str, str] = {
+    "torch": "pip install torch==2.13.0 (or the build for your machine), then pip install 'gptedge[all]'",
+    "onnx": "pip install 'gptedge[quantize]' (or 'gptedge[all]' to train and export too)",
+    "onnx_ir": "pip install 'gptedge[quantize]'",
+    "onnxscript": "pip install 'gptedge[export]'",
+    "safetensors": "pip install 'gptedge[export]'",
+    "tqdm": "pip install 'gptedge[all]'",
+    "jinja2": "pip install 'gptedge[chat]'",
+    "starlette": "pip install 'gptedge[serve]'",
+    "uvicorn": "pip install 'gptedge[serve]'",
+    "llguidance": "pip install 'gptedge[serve]'",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The install hint for a module an optional extra provides, or None for anything else (a real bug)."""
+    return EXTRAS.get((exc.name or "").split(".")[0])
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,21 +90,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         top.error(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
     module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f"gptedge {command}", description=help_[0].upper() + help_[1:] + ".",
-        formatter_class=_HelpFormatter,
-    )
-    module.add_arguments(parser, command)
-    args = parser.parse_args(rest)
     try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(
+            prog=f"gptedge {command}", description=help_[0].upper() + help_[1:] + ".",
+            formatter_class=_HelpFormatter,
+        )
+        module.add_arguments(parser, command)
+        args = parser.parse_args(rest)
         return int(module.run(args, command) or 0)
     except GptEdgeError as exc:
         print(f"gptedge {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        if hint is None:
+            raise
+        print(f"gptedge {command}: error: this command needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gptedge {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptedge info B | head -1`: the reader left; stop quietly, like any Unix tool
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

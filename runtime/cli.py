@@ -23,7 +23,7 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "pr
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("bundle", type=Path, help="bundle folder written by `gptedge export` / `gptedge quantize` (or an Optimum decoder folder)")
     if command in ("generate", "next"):
-        parser.add_argument("prompt", help="prompt text; '-' reads it from standard input")
+        parser.add_argument("prompt", help="prompt text (\\n and \\t mean a newline and a tab, as in --stop); '-' reads it from standard input as it is")
     if command == "eval":
         parser.add_argument("file", type=Path, help="UTF-8 text file to measure perplexity on")
         parser.add_argument("--window", type=int, default=None, help="tokens of context per window (default: the model's context)")
@@ -65,7 +65,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every seen token's logit (0 = off)")
     g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a seen token (0 = off)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (library default 128)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the output contains TEXT (repeatable; not printed)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the output contains TEXT (repeatable; not printed; \\n and \\t mean a newline and a tab)")
     g.add_argument("--seed", type=int, default=None, help="random seed; the same seed repeats the same output")
 
 
@@ -77,8 +77,26 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _unescape(text: str) -> str:
-    r"""Let `--stop '\n\n'` mean two newlines, as users type it in a shell."""
+    r"""Let `\n` and `\t` in a prompt or `--stop '\n\n'` mean a newline and a tab, as users type them in a shell."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+# The library's names in its messages -> this command line's options, so an error says what to type.
+CLI_NAMES = [
+    ("pass truncate='left'", "pass --truncate-left"), ("max_new_tokens", "--max-new-tokens"), ("top_p", "--top-p"),
+    ("top_k", "--top-k"), ("min_p", "--min-p"), ("repetition_penalty", "--repetition-penalty"),
+    ("presence_penalty", "--presence-penalty"), ("frequency_penalty", "--frequency-penalty"),
+    ("stop_strings", "--stop"), ("threads must be an integer >= 1 (or None for the physical core count)",
+                                 "--threads must be an integer >= 1"),
+    ("seed must be an integer >= 0 or None (random)", "--seed must be an integer >= 0"),
+    ("temperature must be", "--temperature must be"),
+]
+
+
+def cli_message(message: str) -> str:
+    for library, option in CLI_NAMES:
+        message = message.replace(library, option)
+    return message.replace("----", "--")
 
 
 # -- dispatch -------------------------------------------------------------------------------------------------
@@ -88,7 +106,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     _utf8_stdout()
     with warnings.catch_warnings():  # provider fallbacks etc. as one "warning: ..." line, not a source location
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        return {"generate": _generate, "chat": _chat, "next": _next, "eval": _eval, "info": _info, "bench": _bench}[command](args)
+        try:
+            return {"generate": _generate, "chat": _chat, "next": _next, "eval": _eval, "info": _info,
+                    "bench": _bench}[command](args)
+        except UsageError as exc:
+            raise type(exc)(cli_message(str(exc))) from None
 
 
 def _utf8_stdout() -> None:
@@ -106,7 +128,9 @@ def _load(args: argparse.Namespace):
 
 def _prompt(text: str) -> str:
     if text == "-":
-        text = sys.stdin.read()
+        text = sys.stdin.read()  # standard input is taken as it is
+    else:
+        text = _unescape(text)
     if not text:
         raise UsageError("the prompt is empty; pass some text (or '-' to read it from standard input)")
     return text

@@ -32,6 +32,7 @@ class ProviderTraits:
     matmul_nbits_whole_blocks: bool = False  # K must be a multiple of the block size (DirectML)
     gather_block_quantized: bool = True  # a GatherBlockQuantized kernel for the quantized embedding
     preload_nvidia_libraries: bool = False  # let onnxruntime find CUDA / cuDNN from pip's nvidia-* packages first
+    fused_gelu: bool = False  # com.microsoft FastGelu / Gelu kernels exist (not in DirectML's registration table)
 
     @property
     def host_kv(self) -> bool:
@@ -44,12 +45,12 @@ TRAITS: dict[str, ProviderTraits] = {
         name="cpu", ort_name="CPUExecutionProvider", install_hint="pip install onnxruntime", kv_device="cpu",
         default_dtype="fp32", gqa_dtypes=("fp32", "fp16"),
         int8_kernels={"weight": None, "dynamic": None, "static": None},
-        matmul_nbits_accuracy=4,
+        matmul_nbits_accuracy=4, fused_gelu=True,
     ),
     "cuda": ProviderTraits(
         name="cuda", ort_name="CUDAExecutionProvider",
         install_hint="install onnxruntime-gpu (and CUDA 12 + cuDNN 9) instead of onnxruntime", kv_device="cuda",
-        default_dtype="fp16", gqa_dtypes=("fp16",), preload_nvidia_libraries=True,
+        default_dtype="fp16", gqa_dtypes=("fp16",), preload_nvidia_libraries=True, fused_gelu=True,
         int8_kernels={"weight": None,
                       "dynamic": "onnxruntime's CUDA provider has no DynamicQuantizeLinear / DynamicQuantizeMatMul kernels",
                       "static": "QDQ INT8 runs unfused (dequantize + float MatMul) on CUDA"},

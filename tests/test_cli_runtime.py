@@ -137,11 +137,11 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(capsys, monkeypatch, runti
         (["generate", "{missing}", "Hi"], "is not a bundle folder"),
         (["generate", "{bundle}", ""], "prompt is empty"),
         (["generate", "{bundle}", "Hi", "--temperature", "-1"], "temperature must be"),
-        (["generate", "{bundle}", "Hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["generate", "{bundle}", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["generate", "{bundle}", "Hi", "--top-k", "-3"], "top_k must be"),
-        (["generate", "{bundle}", "Hi", "--max-new-tokens", "0"], "max_new_tokens must be"),
-        (["generate", "{bundle}", "Hi", "--max-new-tokens", "400"], "context"),
+        (["generate", "{bundle}", "Hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["generate", "{bundle}", "Hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["generate", "{bundle}", "Hi", "--top-k", "-3"], "--top-k must be"),
+        (["generate", "{bundle}", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be"),
+        (["generate", "{bundle}", "Hi", "--max-new-tokens", "400"], "or pass --truncate-left to keep"),
         (["generate", "{bundle}", "Hi", "--provider", "tpu"], "unknown provider 'tpu'"),
         (["generate", "{bundle}", "Hi", "--stop", ""], "non-empty"),
         (["next", "{bundle}", "Hi", "--top", "0"], "k must be"),
@@ -182,3 +182,10 @@ def test_help_explains_every_option(capsys) -> None:
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0 and "bundle folder" in capsys.readouterr().out
+
+
+def test_prompt_escapes_mean_what_they_mean_in_stop(capsys, runtime_bundle: Path, runtime_model: Model) -> None:
+    rc, out, _ = run_cli(capsys, "generate", runtime_bundle, "import os\\nimport", "--temperature", "0",
+                         "--max-new-tokens", "5", "--provider", "cpu")
+    expected = runtime_model.generate("import os\nimport", temperature=0.0, max_new_tokens=5).text
+    assert rc == 0 and out == expected + "\n"

@@ -361,3 +361,14 @@ def test_dtype_defaults_and_limits_follow_the_provider_traits() -> None:
     assert exporter._check_options("cuda", "fp32", "concat") == "fp32"  # no GroupQueryAttention in a concat graph
     with pytest.raises(UsageError, match="runs fp16 only: use --dtype fp16 for --target cuda, or --kv concat"):
         exporter._check_options("cuda", "fp32", "inplace")
+
+
+def test_inplace_cpu_graph_uses_fused_kernels_and_concat_stays_standard(runtime_bundle: Path, runtime_checkpoint: Path,
+                                                                       tmp_path: Path) -> None:
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(runtime_bundle / "model.onnx", load_external_data=False).graph.node}
+    assert {"FastGelu", "SkipLayerNormalization", "GroupQueryAttention"} <= ops and not ops & {"Tanh", "Pow"}
+    concat = export_bundle(runtime_checkpoint, tmp_path / "concat", kv="concat", progress=False)
+    ops = {n.op_type for n in onnx.load(concat / "model.onnx", load_external_data=False).graph.node}
+    assert not ops & {"FastGelu", "SkipLayerNormalization", "GroupQueryAttention"} and "Tanh" in ops

@@ -77,3 +77,35 @@ def test_unknown_command_fails_with_one_line():
     result = _run("-m", "gptedge.cli", "frobnicate")
     assert result.returncode != 0
     assert "unknown command" in result.stderr or "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("command, module, hint", [
+    (["train", "--steps", "1", "--out", "run"], "torch", "pip install torch=="),
+    (["quantize", "b", "o", "--eval-text", "x"], "onnx", "gptedge[quantize]"),
+    (["serve", "b"], "uvicorn", "gptedge[serve]"),
+])
+def test_a_missing_extra_is_one_line_saying_what_to_install(tmp_path, command, module, hint):
+    code = (f"import sys; sys.modules[{module!r}] = None; from gptedge.cli import main; "
+            f"sys.exit(main({command!r}))")
+    result = _run("-c", code, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"needs {module}, which is not installed" in lines[0] and hint in lines[0], lines
+
+
+def test_python_dash_m_gptedge_is_the_cli():
+    result = _run("-m", "gptedge", "--version")
+    assert result.returncode == 0 and result.stdout.startswith("gptedge ")
+
+
+@pytest.mark.parametrize("args", [["info", "{bundle}"], ["next", "{bundle}", "x", "--top", "200"],
+                                  ["generate", "{bundle}", "Hello", "--max-new-tokens", "60", "--temperature", "0"]])
+def test_a_closed_pipe_ends_quietly(runtime_bundle, args):
+    argv = [a.replace("{bundle}", str(runtime_bundle)) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "gptedge", *argv, "--provider", "cpu"] if args[0] != "info" else
+                            [sys.executable, "-m", "gptedge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    proc.stdout.read(1)  # like `| head -c 1`: read a little, then hang up
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()

@@ -210,21 +210,33 @@ def make_norm(c: GPTConfig, dim: int) -> nn.Module:
 
 # While an ONNX Runtime graph is traced, norms export as its fused kernels (CPU, CUDA and DirectML have them; fp32
 # inside, the same arithmetic): one node where the decomposition costs seven, and the residual Add folded into the
-# next norm. ONNX Runtime does not fuse these itself. Portable graphs leave it off and keep standard ops.
+# next norm. ONNX Runtime does not fuse these itself. GELU becomes its FastGelu / Gelu kernel where the target
+# provider has one (runtime/traits.py): the tanh formula is otherwise 8 nodes (Pow, Tanh, 4 Mul, 2 Add).
+# Portable graphs leave both off and keep standard ops.
 _FUSED_NORMS = contextvars.ContextVar("gptedge_fused_norms", default=False)
+_FUSED_GELU = contextvars.ContextVar("gptedge_fused_gelu", default=False)
 
 
 @contextlib.contextmanager
-def fused_norms() -> Iterator[None]:
-    token = _FUSED_NORMS.set(True)
+def fused_kernels(gelu: bool = False) -> Iterator[None]:
+    tokens = (_FUSED_NORMS.set(True), _FUSED_GELU.set(gelu))
     try:
         yield
     finally:
-        _FUSED_NORMS.reset(token)
+        _FUSED_GELU.reset(tokens[1])
+        _FUSED_NORMS.reset(tokens[0])
 
 
-def _fusing() -> bool:
-    return _FUSED_NORMS.get() and torch.onnx.is_in_onnx_export()
+def _fusing(flag: contextvars.ContextVar = _FUSED_NORMS) -> bool:
+    return flag.get() and torch.onnx.is_in_onnx_export()
+
+
+def gelu(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """act(x), as ONNX Runtime's fused FastGelu (tanh form) or Gelu (erf form) node while tracing with fused GELU."""
+    if not _fusing(_FUSED_GELU):
+        return act(x)
+    op = "FastGelu" if act.approximate == "tanh" else "Gelu"
+    return torch.onnx.ops.symbolic(f"com.microsoft::{op}", [x], {}, dtype=x.dtype, shape=x.shape, version=1)
 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +321,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = self.gelu(h)
+            h = gelu(self.gelu, h)
         return self.dropout(self.c_proj(h))
 
 

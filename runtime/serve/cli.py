@@ -74,13 +74,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    try:
-        import uvicorn
+    import uvicorn  # a missing `serve` extra is reported by the dispatcher in one line
 
-        from gptedge.runtime.serve.app import ServeConfig, State, create_app
-    except ImportError as exc:
-        raise UsageError(f"gptedge serve needs its extra ({exc.name} is missing): pip install 'gptedge[serve]'") from None
     from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB
+    from gptedge.runtime.serve.app import ServeConfig, State, create_app
 
     bundles = parse_bundles(args.bundle)
     if args.parallel < 1:
