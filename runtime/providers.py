@@ -18,6 +18,8 @@ provider. Later loads read the saved graph with optimizations off, because the w
 Weights of the saved graph go to an external file next to it
 (`session.optimized_model_external_initializers_file_name`), so models over 2 GB still save.
 Any failure of the cache (unwritable folder, corrupt entry) only costs speed, never correctness.
+The cache is bounded: after an entry is written, the least recently used ones are removed until the
+folder holds at most $GPTEDGE_CACHE_MAX_MB (default 2048); 0 turns the cache off.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ log = logging.getLogger("gptedge.runtime")
 
 PROVIDERS = ("auto", *PROVIDER_NAMES)
 CACHE_VERSION = "1"  # bump when the cached files' layout changes
+DEFAULT_CACHE_MAX_MB = 2048  # a few bundles' optimized graphs; GPT-2-124M fp32 takes ~0.5 GB
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,42 @@ def cache_root() -> Path:
     return base / "gptedge"
 
 
+def cache_limit_bytes() -> int:
+    """$GPTEDGE_CACHE_MAX_MB as bytes (default DEFAULT_CACHE_MAX_MB; 0 turns the optimized-graph cache off)."""
+    raw = os.environ.get("GPTEDGE_CACHE_MAX_MB", "")
+    try:
+        mb = float(raw) if raw.strip() else DEFAULT_CACHE_MAX_MB
+    except ValueError:
+        log.warning("gptedge: GPTEDGE_CACHE_MAX_MB=%r is not a number; using %d", raw, DEFAULT_CACHE_MAX_MB)
+        mb = DEFAULT_CACHE_MAX_MB
+    return max(0, int(mb * 2**20))
+
+
+def prune_cache(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used entries of `folder` until it holds at most `limit` bytes; `keep` stays.
+
+    Returns what was removed. Entries being written (hidden .tmp- folders) are not counted or touched.
+    """
+    entries = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            entries.append((entry.stat().st_mtime, size, entry))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
+
+
 def cache_key(spec: BundleSpec, folder: Path, provider: str) -> str:
     """Bundle checksums + the files' size/mtime (a bundle loaded with verify=False may differ) + ORT version + provider."""
     h = hashlib.sha256()
@@ -191,7 +230,7 @@ def create_session(model_path: Path, choice: ProviderChoice, threads: int | None
     """
     session_options(choice, threads)  # a bad argument fails here, before the cache is read (or dropped as "broken")
     session, info = None, SessionInfo(choice, "off", model_path)
-    if key is not None and TRAITS[choice.name].graph_cache:
+    if key is not None and TRAITS[choice.name].graph_cache and cache_limit_bytes() > 0:
         entry = cache_root() / "graphs" / key
         try:
             session, info = _cached_session(model_path, choice, threads, entry)
@@ -210,7 +249,10 @@ def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | Non
             scan_model(cached)  # the cache is a user-writable folder: the same checks as a bundle
             so = session_options(choice, threads)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
-            return _session(cached, so, choice), SessionInfo(choice, "hit", cached)
+            session = _session(cached, so, choice)
+            with contextlib.suppress(OSError):
+                os.utime(entry)  # most recently used: pruned last
+            return session, SessionInfo(choice, "hit", cached)
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign entry is dropped and rebuilt
             log.warning("gptedge: dropping a broken optimized-graph cache entry %s (%s)", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
@@ -230,6 +272,7 @@ def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | Non
         except OSError:
             if not (entry / "model.onnx").is_file():  # another process may have won the race: fine
                 raise
+        prune_cache(entry.parent, cache_limit_bytes(), keep=entry)
         return session, SessionInfo(choice, "miss", model_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -293,6 +293,31 @@ def test_corrupt_cache_entry_is_rebuilt(runtime_bundle: Path, tmp_path: Path, mo
     assert Model.load(runtime_bundle, provider="cpu", threads=1).session_info.cache == "hit"
 
 
+def test_cache_is_bounded_least_recently_used_first_and_can_be_off(runtime_bundle: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import os
+
+    from gptedge.runtime.providers import prune_cache
+
+    graphs = tmp_path / "graphs"
+    for i, name in enumerate(["old", "used-recently", "newer"]):
+        (graphs / name).mkdir(parents=True)
+        (graphs / name / "model.onnx").write_bytes(b"x" * 1000)
+        os.utime(graphs / name, (1000 + i, 1000 + i))
+    os.utime(graphs / "used-recently", (5000, 5000))  # a hit touches its entry
+    (graphs / ".tmp-being-written").mkdir()
+    assert prune_cache(graphs, 2500, keep=graphs / "old") == [graphs / "newer"]  # the kept entry survives
+    assert prune_cache(graphs, 1000) == [graphs / "old"]
+    assert sorted(p.name for p in graphs.iterdir()) == [".tmp-being-written", "used-recently"]
+    monkeypatch.setenv("GPTEDGE_CACHE", str(tmp_path / "real"))
+    monkeypatch.setenv("GPTEDGE_CACHE_MAX_MB", "0")
+    assert Model.load(runtime_bundle, provider="cpu", threads=1).session_info.cache == "off"
+    assert not (tmp_path / "real" / "graphs").exists()
+    monkeypatch.setenv("GPTEDGE_CACHE_MAX_MB", "0.0001")  # smaller than any graph: written, then pruned
+    assert Model.load(runtime_bundle, provider="cpu", threads=1).session_info.cache == "miss"
+    assert [p for p in (tmp_path / "real" / "graphs").iterdir() if not p.name.startswith(".")] != []  # the new one stays
+
+
 # -- bad input ----------------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "prompt, kwargs, match",
