@@ -67,7 +67,11 @@ def format_bench(r: dict[str, Any]) -> str:
         (f"decode at position {r['prompt_tokens']}, {r['new_tokens']} tokens", f"{r['decode_tokens_per_s']:.1f} tokens/s"),
     ]
     if r.get("late_position") is not None:
-        rows.append((f"decode at position {r['late_position']}, {r['new_tokens']} tokens", f"{r['late_decode_tokens_per_s']:.1f} tokens/s"))
+        rows.append((f"decode at position {r['late_position']}, {r['new_tokens']} tokens",
+                     f"{r['late_decode_tokens_per_s']:.1f} tokens/s"))
+    else:
+        rows.append(("decode late in the context", "not measured: the context leaves no later position than the "
+                     "first measurement (see --late-position)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
                      + [f"| {k.ljust(width)} | {v} |" for k, v in rows])

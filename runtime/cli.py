@@ -167,6 +167,9 @@ def _chat(args: argparse.Namespace) -> int:
     kwargs = _sampling_kwargs(args)
     kwargs["stop_strings"] = tuple(kwargs.get("stop_strings", ())) + template.stop_strings
     params = model.sampling_params(**kwargs)
+    if params.max_new_tokens >= model.context_length:
+        raise UsageError(f"--max-new-tokens ({params.max_new_tokens}) must be below the context ({model.context_length}) "
+                         "to leave room for the conversation")
     messages: list[dict[str, str]] = [{"role": "system", "content": _unescape(args.system)}] if args.system else []
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits",
@@ -177,6 +180,9 @@ def _chat(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError:
+            print("gptedge chat: that line is not valid UTF-8 text; type it again", file=sys.stderr)
+            continue
         if not message.strip():
             continue
         if not interactive:
@@ -295,7 +301,7 @@ def _model_line(d: dict[str, Any]) -> str:
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """{'a': {'b': 1.23456}, 'ops': {'Add': 3}} -> [('a.b', '1.235'), ('ops', 'Add 3')]: one row per leaf."""
+    """{'a': {'b': 1.23456}, 'ops': {'Add': 3}} -> [('a.b', '1.23456'), ('ops', 'Add 3')]: one row per leaf."""
     rows: list[tuple[str, str]] = []
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else str(key)
@@ -304,7 +310,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
         elif isinstance(value, dict):
             rows += _flat(value, name)
         else:
-            rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+            rows.append((name, f"{value:.6g}" if isinstance(value, float) else str(value)))
     return rows
 
 
@@ -339,6 +345,8 @@ def _bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     from gptedge.runtime.bench import format_bench, run_bench
 
+    if args.json is not None and not args.json.parent.resolve().is_dir():
+        raise UsageError(f"--json {args.json}: the folder {args.json.parent} does not exist; choose a writable path")
     results = run_bench(args.bundle, args.provider, args.threads, args.prompt_tokens, args.new_tokens, args.late_position, args.runs)
     print(format_bench(results))
     if args.json is not None:

@@ -389,3 +389,21 @@ def test_a_diverging_run_stops_with_advice_and_saves_no_nan_weights(train_corpus
     with pytest.raises(TrainingDiverged, match="lower --lr"):
         train(tiny(out, train_corpus, train_cache, lr=1e6, warmup=0, grad_clip=0.0, eval_every=0, steps=20))
     assert not out.exists()
+
+
+def test_an_interrupted_run_says_which_checkpoint_it_kept(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    from gptedge.cli import main
+    from gptedge.train import trainer
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "5"]) == 130
+    assert "no checkpoint was written" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"step": 200}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "5"]) == 130
+    assert f"is from step 200; continue with --resume {tmp_path / 'run'}" in capsys.readouterr().err

@@ -89,10 +89,24 @@ def summary(folder: Path) -> str:
 def run(args: argparse.Namespace, command: str) -> int:
     from gptedge.train.trainer import train
 
-    folder = train(config_from_args(args))
+    config = config_from_args(args)
+    try:
+        folder = train(config)
+    except KeyboardInterrupt:
+        print(f"gptedge train: interrupted; {kept(Path(config.out))}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(folder))
     return 0
+
+
+def kept(out: Path) -> str:
+    """What an interrupted run leaves: the last checkpoint written (at an eval step), or none."""
+    try:
+        step = json.loads((out / "config.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return f"no checkpoint was written to {out} yet"
+    return f"the checkpoint in {out} is from step {step}; continue with --resume {out}"
 
 
 if __name__ == "__main__":  # torchrun entry: the arguments of `gptedge train`
