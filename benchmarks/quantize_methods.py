@@ -1,6 +1,6 @@
 """Which quantization recipe decodes fastest on this machine? The evidence behind `--method auto`.
 
-    python benchmarks/quantize_methods.py [--work DIR] [--rounds 6] [--steps 32] [--only LABEL ...]
+    python benchmarks/quantize_methods.py [--work DIR] [--out DIR] [--rounds 6] [--steps 32] [--only LABEL ...]
 
 One GPT-2-124M-shaped random bundle (benchmarks/common.py's make_random_gpt2, exported by
 gptedge.export), quantized by every recipe and by the variants that decide the defaults
@@ -12,7 +12,12 @@ Speed is measured with every variant loaded in one process, alternating between 
 `--rounds` rounds (a 128-token prefill and `--steps` decode steps each): on a shared 2-core
 machine, background load then hits every row alike, where fresh-process runs one after another
 gave min-max spreads of 3x. Load time and peak RSS come from one fresh process per variant
-(`--child`: load, then a 128 + 128 generation). Results: markdown and JSON in the work folder.
+(`--child`: load, then a 128 + 128 generation).
+
+Results: benchmarks/results/quantize-methods.json and .md (the machine's CPU model, core count and
+library versions recorded with the rows). The comments and `--method auto` rationale in
+gptedge.quantize cite that file instead of repeating its numbers. A run with --only measures a subset
+and writes to the work folder unless --out is given, so it never replaces the full committed table.
 
 Random weights make quality meaningless here (near-flat logits); quality is measured by
 `gptedge quantize`'s gate on a trained model. This script measures speed and size only.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -32,17 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
-from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, peak_rss_mb, pin_threads, prompt_ids  # run as a script: its folder is on the path
+# run as a script: its folder is on the path
+from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, peak_rss_mb, pin_threads, prompt_ids
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RESULT_STEM = "quantize-methods"  # benchmarks/results/quantize-methods.{json,md}: cited by gptedge.quantize
 
-# label -> (method, build options)
+# label -> (method, build options). "int8-weight" is the default build (block 128 at this width); the
+# block rows are the evidence for recipes.DEFAULT_BLOCK_SIZE.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "int8-weight": ("int8-weight", {}),
     "int8-weight, LM head fp32": ("int8-weight", {"quantize_lm_head": False}),
     "int8-weight, float embeddings": ("int8-weight", {"float_embeddings": True}),
     "int8-weight, block 64": ("int8-weight", {"block_size": 64}),
-    "int8-weight, block 128": ("int8-weight", {"block_size": 128}),
+    "int8-weight, block 32": ("int8-weight", {"block_size": 32}),
     "int8-dynamic": ("int8-dynamic", {}),
     "int8-static": ("int8-static", {}),
     "int4-weight": ("int4-weight", {}),
@@ -81,7 +91,8 @@ def prepare(work: Path, only: list[str] | None) -> dict[str, Path]:
             _log(f"building {label}")
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            details = build_quantized_model(fp32 / MODEL_NAME, spec, method, tmp, calibration_windows=windows, **options)
+            details = build_quantized_model(fp32 / MODEL_NAME, spec, method, tmp, calibration_windows=windows,
+                                            **options)
             shutil.copy2(fp32 / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
             write_spec(tmp, replace(spec, quantization={**details, "benchmark_only": True}, files={}))
             tmp.rename(out)
@@ -144,12 +155,15 @@ def interleaved(bundles: dict[str, Path], rounds: int, steps: int) -> dict[str, 
             tokens[label] = out
             engine.release(cache)
         _log(f"round {r}/{rounds} done")
-    return {label: {"prefill_ms": 1e3 * float(np.median(prefill[label])), "step_ms": 1e3 * float(np.median(step[label])),
-                    "step_ms_p25": 1e3 * float(np.percentile(step[label], 25)), "tokens": tokens[label]} for label in engines}
+    return {label: {"prefill_ms": 1e3 * float(np.median(prefill[label])),
+                    "step_ms": 1e3 * float(np.median(step[label])),
+                    "step_ms_p25": 1e3 * float(np.percentile(step[label], 25)), "tokens": tokens[label]}
+            for label in engines}
 
 
 def run_child(bundle: Path, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(bundle)], capture_output=True, text=True, cwd=HERE, env=env)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(bundle)], capture_output=True,
+                          text=True, cwd=HERE, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{bundle.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -160,10 +174,50 @@ def model_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
 
 
+def _cpu() -> str:
+    """The CPU model, recorded with the rows: speeds from different machines must not be compared as one table."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+def machine_meta(args: argparse.Namespace) -> dict:
+    """Where and how the rows were measured: CPU, cores, library versions, workload."""
+    import onnxruntime
+
+    from gptedge import __version__
+
+    return {"machine": f"{_cpu()}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "cpu_model": _cpu(),
+            "cpus": os.cpu_count(), "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "rounds": args.rounds, "steps": args.steps, "prompt_tokens": PROMPT_LEN,
+            "shape": "GPT-2-124M (random weights, benchmarks/common.py make_random_gpt2)",
+            "versions": {"gptedge": __version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def markdown(rows: list[dict], meta: dict, steps: int) -> str:
+    """The results as a table, with the machine line under it."""
+    lines = ["| variant | block | decode tok/s (median step) | decode tok/s (p25 step) | prefill 128 tok ms | load s | "
+             "peak RSS MB | model MB | greedy = fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['block_size'] or '-'} | **{r['decode_tps']:.1f}** | "
+                     f"{r['decode_tps_p25_step']:.1f} | {r['prefill_128_ms']:.0f} | {r['load_s']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['model_mb']:.1f} | first {r['tokens_vs_fp32']}/{steps} |")
+    lines += ["", f"{meta['shape']}; {meta['threads']} threads, interleaved, medians of {meta['rounds']} rounds; "
+                  f"machine: {meta['machine']}; onnxruntime {meta['versions']['onnxruntime']}; {meta['time']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gptedge-quantize-bench",
-                        help="folder for the bundles and results (reused between runs)")
+                        help="folder for the bundles (reused between runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for {RESULT_STEM}.json and .md (default: {RESULTS}; with --only: the work "
+                             "folder)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds over all variants (medians reported)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per round and variant")
     parser.add_argument("--only", nargs="+", help="measure only these variant labels (plus fp32)")
@@ -181,18 +235,20 @@ def main() -> None:
     for label in bundles:
         s, f = speed[label], fresh[label]
         same = next((k for k, (a, b) in enumerate(zip(s["tokens"], reference)) if a != b), len(reference))
-        rows.append({"variant": label, "decode_tps": 1e3 / s["step_ms"], "decode_tps_p25_step": 1e3 / s["step_ms_p25"],
-                     "step_ms": s["step_ms"], "prefill_128_ms": s["prefill_ms"], "load_s": f["load_s"],
-                     "peak_rss_mb": f["peak_rss_mb"], "model_mb": model_mb(bundles[label]), "tokens_vs_fp32": same})
-    lines = ["| variant | decode tok/s (median step) | decode tok/s (p25 step) | prefill 128 tok ms | load s | peak RSS MB | model MB | greedy = fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | **{r['decode_tps']:.1f}** | {r['decode_tps_p25_step']:.1f} | {r['prefill_128_ms']:.0f} | "
-                     f"{r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['model_mb']:.1f} | first {r['tokens_vs_fp32']}/{len(reference)} |")
-    table = "\n".join(lines)
-    (args.work / "quantize_methods.json").write_text(json.dumps(rows, indent=2))
-    (args.work / "quantize_methods.md").write_text(table + "\n")
+        quantization = json.loads((bundles[label] / "gptedge.json").read_text()).get("quantization") or {}
+        rows.append({"variant": label, "method": quantization.get("method", "fp32"), "kind": quantization.get("kind"),
+                     "block_size": quantization.get("block_size"), "decode_tps": 1e3 / s["step_ms"],
+                     "decode_tps_p25_step": 1e3 / s["step_ms_p25"], "step_ms": s["step_ms"],
+                     "prefill_128_ms": s["prefill_ms"], "load_s": f["load_s"], "peak_rss_mb": f["peak_rss_mb"],
+                     "model_mb": model_mb(bundles[label]), "tokens_vs_fp32": same})
+    meta = machine_meta(args)
+    out = args.out or (args.work if args.only else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, meta, len(reference))
+    (out / f"{RESULT_STEM}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (out / f"{RESULT_STEM}.md").write_text(table)
     print(table)
+    _log(f"wrote {out / RESULT_STEM}.json and .md")
 
 
 if __name__ == "__main__":

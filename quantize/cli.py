@@ -5,33 +5,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-METHOD_HELP = (
-    "auto: the fastest INT8 recipe for the bundle's target (printed with the reason); "
-    "int8-weight: weight-only INT8 blocks (MatMulNBits; CPU, CUDA, DirectML); "
-    "int8-dynamic: per-channel INT8 weights, activations quantized per call (CPU only); "
-    "int8-static: QDQ INT8 calibrated on --calibration text (CPU only); "
-    "int4-weight: weight-only INT4 blocks (CPU, CUDA, DirectML)"
-)
+from gptedge.quantize.recipes import METHODS, targets_of
+
+
+def method_help() -> str:
+    """--method's help, written from the recipe table and the provider table, so a new row shows up by itself."""
+    rows = [f"{m.name}: {m.summary}, runs on {', '.join(targets_of(m))}" for m in METHODS.values()]
+    return "; ".join(["auto: the fastest INT8 recipe for the bundle's target (printed with the reason)", *rows])
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """`gptedge quantize`'s options; each mirrors a quantize_bundle argument of the same name."""
     parser.add_argument("bundle", type=Path, help="float bundle folder written by `gptedge export`")
     parser.add_argument("out_dir", type=Path, help="folder to write the quantized bundle to (written atomically)")
-    parser.add_argument("--method", default="auto", metavar="METHOD", help=METHOD_HELP)
+    parser.add_argument("--method", default="auto", metavar="METHOD", help=method_help())
     parser.add_argument("--calibration", nargs="+", metavar="TEXT_OR_FILES",
-                        help="text, files, folders or globs: int8-static calibrates on it; without --eval-text the quality "
-                             "gate measures on it (on its last quarter for int8-static)")
+                        help="text, files, folders or globs: int8-static calibrates on it; without --eval-text the "
+                             "quality gate measures on it (on its last quarter for int8-static)")
     parser.add_argument("--eval-text", nargs="+", metavar="TEXT_OR_FILES",
                         help="held-out text (files, folders, globs or literal text) for the quality gate; use text the "
                              "model was not trained on")
     parser.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PCT",
                         help="fail, writing nothing, when held-out perplexity rises more than PCT percent")
     parser.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                        help="quantize the (tied) LM head too, or keep it float; default: build and measure both, keep the "
-                             "quantized head when it passes the gate")
+                        help="quantize the (tied) LM head too, or keep it float; default: build and measure both, keep "
+                             "the quantized head when it passes the gate")
     parser.add_argument("--float-embeddings", action="store_true",
-                        help="keep the token and position embedding tables float (larger file, embeddings exactly as trained); "
-                             "by default the token embedding reads the quantized LM head's blocks and positions are INT8 blocks")
+                        help="keep the token and position embedding tables float (larger file, embeddings exactly as "
+                             "trained); by default the token embedding reads the quantized LM head's blocks and "
+                             "positions are INT8 blocks")
     parser.add_argument("--block-size", type=int, default=None, metavar="N",
                         help="weights per scale for blockwise (MatMulNBits) weights, a power of two >= 16 "
                              "(default: 128 for INT8, 32 for INT4; halved until it divides the model width)")
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
+    """Run `gptedge quantize` with the parsed options; its errors reach the top-level CLI, which prints them."""
     from gptedge.quantize.quantizer import quantize_bundle
 
     quantize_bundle(

@@ -182,14 +182,45 @@ class Engine:
         if logits_index is None:
             logits_index = (lengths - 1).reshape(B, 1)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
-        # Pads get in-range positions (their outputs are never used): the position table has context_length rows.
-        positions = np.minimum(cache.lengths[:, None] + np.arange(S)[None, :], self.arch.context_length - 1)
+        inputs = self.step_inputs(cache, input_ids, lengths, logits_index)
         if self.inplace:
-            logits = self._forward_inplace(cache, input_ids, positions, lengths, logits_index)
+            logits = self._forward_inplace(cache, inputs, logits_index)
         else:
-            logits = self._forward_concat(cache, input_ids, positions, lengths, logits_index)
+            logits = self._forward_concat(cache, inputs, logits_index)
         cache.lengths += lengths
         return logits
+
+    def step_inputs(self, cache: KVCache, input_ids: np.ndarray, lengths: np.ndarray,
+                    logits_index: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph inputs of one step besides the KV buffers: the engine's whole contract with the graph."""
+        io = self.io
+        S = input_ids.shape[1]
+        # Pads get in-range positions (their outputs are never used): the position table has context_length rows.
+        positions = np.minimum(cache.lengths[:, None] + np.arange(S)[None, :], self.arch.context_length - 1)
+        feed = {io.input_ids: input_ids}
+        if io.position_ids:
+            feed[io.position_ids] = np.ascontiguousarray(positions, np.int64)
+        if io.logits_index:
+            feed[io.logits_index] = logits_index
+        if self.inplace:
+            feed[io.seqlens_k] = (cache.lengths + lengths - 1).astype(np.int32)  # last real position per row
+            feed[io.total_sequence_length] = np.array(int((cache.lengths + S).max()), np.int32)
+        else:
+            new_valid = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int64)
+            feed[io.attention_mask] = np.concatenate([cache.valid, new_valid], axis=1)
+        return feed
+
+    def prefill_feed(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Every input of one standalone run prefilling `ids` [S] from an empty cache, KV included, logits at every
+        position: what a calibrator (quantize's static recipe) runs the float graph on."""
+        S = len(ids)
+        shape = (1, self.arch.n_kv_head, S if self.inplace else 0, self.arch.head_dim)
+        empty = KVCache(batch=1, capacity=S, lengths=np.zeros(1, np.int64), values=[],
+                        valid=np.zeros((1, 0), np.int64))
+        feed = self.step_inputs(empty, np.asarray(ids, np.int64)[None, :], np.array([S], np.int64),
+                                np.arange(S, dtype=np.int64)[None, :])
+        feed.update((name, np.zeros(shape, self.kv_dtype)) for name in self.past_names)
+        return feed
 
     def _logits_buffer(self, cache: KVCache, batch: int, k: int) -> tuple[np.ndarray, ort.OrtValue]:
         """Host buffer the logits output is written into: no allocation per decode step."""
@@ -200,33 +231,21 @@ class Engine:
             cache.logits[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
         return cache.logits[key]
 
-    def _forward_inplace(self, cache, input_ids, positions, lengths, logits_index) -> np.ndarray:
-        io, binding = self.io, cache.binding
-        total = cache.lengths + lengths  # tokens per row after this step
-        binding.bind_cpu_input(io.input_ids, input_ids)
-        binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, np.int64))
-        binding.bind_cpu_input(io.seqlens_k, (total - 1).astype(np.int32))
-        binding.bind_cpu_input(io.total_sequence_length, np.array(int((cache.lengths + input_ids.shape[1]).max()), np.int32))
-        binding.bind_cpu_input(io.logits_index, logits_index)
+    def _forward_inplace(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
+        binding = cache.binding
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, value)
         array, value = self._logits_buffer(cache, *logits_index.shape)
-        binding.bind_ortvalue_output(io.logits, value)
+        binding.bind_ortvalue_output(self.io.logits, value)
         self._run(lambda: self.session.run_with_iobinding(binding))
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
-    def _forward_concat(self, cache, input_ids, positions, lengths, logits_index) -> np.ndarray:
+    def _forward_concat(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
         io = self.io
-        B, S = input_ids.shape
-        new_valid = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int64)
-        mask = np.concatenate([cache.valid, new_valid], axis=1)
-        feed = {io.input_ids: input_ids, io.attention_mask: mask}
-        if io.position_ids:
-            feed[io.position_ids] = np.ascontiguousarray(positions, np.int64)
-        if io.logits_index:
-            feed[io.logits_index] = logits_index
-        feed.update(zip(self.past_names, cache.values))
+        feed = {**inputs, **dict(zip(self.past_names, cache.values))}
         outputs = self._run(lambda: self.session.run([io.logits, *self.present_names], feed))
         cache.values = outputs[1:]
-        cache.valid = mask
+        cache.valid = inputs[io.attention_mask]
         logits = outputs[0]
         if not io.logits_index:  # graphs without logits_index (e.g. Optimum's) return every position
             logits = np.take_along_axis(logits, logits_index[:, :, None], axis=1)

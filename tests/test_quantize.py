@@ -6,6 +6,7 @@ gptedge.export), so perplexity and agreement react to quantization error measura
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from collections import Counter
 from dataclasses import replace
@@ -18,12 +19,14 @@ import pytest
 
 from gptedge.cli import main as cli_main
 from gptedge.errors import BundleError, OutputExistsError, QuantizeError
-from gptedge.quantize import quantize_bundle
-from gptedge.quantize.quantizer import build_quantized_model, read_text
+from gptedge.quantize import quantize_bundle, recipes
+from gptedge.quantize.quantizer import AUTO, build_quantized_model
+from gptedge.quantize.texts import read_text
 from gptedge.runtime import Model
 from gptedge.runtime import evaluate as ev
 from gptedge.runtime.bundle import MODEL_NAME, read_spec, write_spec
 from gptedge.runtime.engine import Engine
+from gptedge.runtime.traits import TRAITS, quantization_kind
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,17 @@ def heldout(tmp_path_factory) -> Path:
 def int8_bundle(runtime_bundle, heldout, tmp_path_factory):
     """method=auto with the LM head left to gptedge: both ways built and measured."""
     lines: list[str] = []
-    out = quantize_bundle(runtime_bundle, tmp_path_factory.mktemp("q") / "int8", eval_text=heldout, progress=False, log=lines.append)
+    out = quantize_bundle(runtime_bundle, tmp_path_factory.mktemp("q") / "int8", eval_text=heldout, progress=False,
+                          log=lines.append)
     return out, lines
+
+
+@pytest.fixture
+def int2_weight(monkeypatch) -> str:
+    """A harmful recipe for the gate tests (2-bit weight-only blocks), registered in the method table by the test."""
+    method = recipes.Method("int2-weight", 2, "weight", "weight-only INT2 blocks (tests only: too coarse for a gate)")
+    monkeypatch.setitem(recipes.METHODS, method.name, method)
+    return method.name
 
 
 def op_counts(bundle: Path) -> Counter:
@@ -66,7 +78,8 @@ def test_auto_picks_int8_weight_and_records_everything(int8_bundle, runtime_bund
     spec, source = read_spec(out), read_spec(runtime_bundle)
     q = spec.quantization
     # INT8 default block 128, halved to the tiny model's width of 64
-    assert (q["method"], q["bits"], q["block_size"], q["accuracy_level"]) == ("int8-weight", 8, 64, 4)
+    assert (q["method"], q["kind"], q["bits"], q["block_size"], q["accuracy_level"]) == \
+        ("int8-weight", "weight", 8, 64, 4)
     assert len(q["quantized_nodes"]) == 4 * source.architecture.n_layer
     assert q["float_nodes"] == [] and q["position_embedding"]["storage"] == "int8 blocks (GatherBlockQuantized)"
     # the LM head was measured both ways and the quantized one kept (it passes the gate)
@@ -98,6 +111,12 @@ def test_int8_graph_is_weight_only_int8_with_a_shared_embedding(int8_bundle, run
     assert "lm_head.weight" not in inits and "transformer.wte.weight" not in inits  # no float copy of the tied matrix
 
 
+def test_quantized_bundle_records_its_kind_for_the_runtime(int8_bundle):
+    """gptedge.json names the recipe's kind, which is what the runtime checks each provider's INT8 kernels against."""
+    q = read_spec(int8_bundle[0]).quantization
+    assert q["kind"] == recipes.METHODS[q["method"]].kind == quantization_kind(q) == "weight"
+
+
 def test_quantized_bundle_loads_and_generates(int8_bundle, runtime_model):
     out, _ = int8_bundle
     model = Model.load(out, provider="cpu", threads=1, cache=False)
@@ -113,8 +132,9 @@ def test_shared_embedding_reads_the_head_blocks_exactly(runtime_bundle, tmp_path
     logits = {}
     for target in ("cpu", "dml"):
         folder = tmp_path / target
-        details = build_quantized_model(runtime_bundle / MODEL_NAME, replace(spec, target=target), "int8-weight", folder, accuracy_level=0)
-        assert ("GatherBlockQuantized" in details["embedding"]["storage"]) == (target == "cpu")
+        details = build_quantized_model(runtime_bundle / MODEL_NAME, replace(spec, target=target), "int8-weight",
+                                        folder, accuracy_level=0)
+        assert ("GatherBlockQuantized" in details["embedding"]["storage"]) == TRAITS[target].gather_block_quantized
         engine = Engine(ort.InferenceSession(str(folder / MODEL_NAME), providers=["CPUExecutionProvider"]), spec)
         logits[target] = ev.next_token_logits(engine, [[1, 2, 3, 4, 5], [7, 8]])
     np.testing.assert_allclose(logits["cpu"], logits["dml"], atol=1e-5)
@@ -131,6 +151,7 @@ def test_each_recipe_passes_its_gate_and_runs(method, ops, runtime_bundle, heldo
                           quantize_lm_head=True, max_ppl_increase=10.0, progress=False, log=lambda _: None)
     spec = read_spec(out)
     assert spec.quantization["method"] == method and spec.quantization["quality"]["passed"]
+    assert spec.quantization["kind"] == recipes.METHODS[method].kind == quantization_kind(spec.quantization)
     assert ops <= set(op_counts(out))
     if method == "int8-static":
         assert spec.quantization["calibration"]["windows"] >= 8
@@ -146,8 +167,8 @@ def test_float_head_keeps_one_copy_of_the_tied_matrix(runtime_bundle, tmp_path):
     spec = read_spec(runtime_bundle)
     build_quantized_model(runtime_bundle / MODEL_NAME, spec, "int8-dynamic", tmp_path, quantize_lm_head=False)
     model = onnx.load(str(tmp_path / MODEL_NAME), load_external_data=False)
-    float_tables = [t.name for t in model.graph.initializer if list(t.dims) in ([spec.architecture.vocab_size, spec.architecture.n_embd],
-                                                                             [spec.architecture.n_embd, spec.architecture.vocab_size])]
+    V, C = spec.architecture.vocab_size, spec.architecture.n_embd
+    float_tables = [t.name for t in model.graph.initializer if list(t.dims) in ([V, C], [C, V])]
     assert len(float_tables) == 1
     assert [n.op_type for n in model.graph.node if float_tables[0] in n.input] == ["Gather", "Gemm"]
 
@@ -174,21 +195,22 @@ def test_static_calibrates_on_the_held_out_split_of_the_only_text(runtime_bundle
     assert "Gemm" in op_counts(out)  # the float head stays a Gemm on the float table
 
 
-def test_gate_fails_a_harmful_setting_and_writes_nothing(runtime_bundle, heldout, tmp_path):
+def test_gate_fails_a_harmful_setting_and_writes_nothing(runtime_bundle, heldout, tmp_path, int2_weight):
     out = tmp_path / "broken"
     lines = []
     with pytest.raises(QuantizeError, match="quality gate failed.*nothing was written"):
-        quantize_bundle(runtime_bundle, out, method="int4-weight", eval_text=heldout, quantize_lm_head=True,
-                        block_size=64, progress=False, log=lines.append, _bits=2)
+        quantize_bundle(runtime_bundle, out, method=int2_weight, eval_text=heldout, quantize_lm_head=True,
+                        block_size=64, progress=False, log=lines.append)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary folders left behind
     assert "FAIL" in "\n".join(lines)
 
 
-def test_gate_threshold_decides(runtime_bundle, heldout, tmp_path):
+def test_gate_threshold_decides(runtime_bundle, heldout, tmp_path, int2_weight):
     """The same harmful setting passes when the user allows a huge rise: the gate is the threshold, nothing else."""
-    out = quantize_bundle(runtime_bundle, tmp_path / "allowed", method="int4-weight", eval_text=heldout, quantize_lm_head=True,
-                          block_size=64, max_ppl_increase=1e6, progress=False, log=lambda _: None, _bits=2)
+    out = quantize_bundle(runtime_bundle, tmp_path / "allowed", method=int2_weight, eval_text=heldout,
+                          quantize_lm_head=True, block_size=64, max_ppl_increase=1e6, progress=False,
+                          log=lambda _: None)
     quality = read_spec(out).quantization["quality"]
     assert quality["passed"] and quality["ppl_increase_pct"] > 2.0
 
@@ -207,7 +229,8 @@ def test_cli_quantizes_and_prints_the_table(runtime_bundle, heldout, tmp_path, c
 
 
 def test_cli_error_is_one_line(runtime_bundle, tmp_path, capsys):
-    code = cli_main(["quantize", str(runtime_bundle), str(tmp_path / "x"), "--method", "int9", "--eval-text", "some text"])
+    code = cli_main(["quantize", str(runtime_bundle), str(tmp_path / "x"), "--method", "int9", "--eval-text",
+                     "some text"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "unknown method 'int9'" in err
 
@@ -222,7 +245,8 @@ def test_errors_for_bad_input(runtime_bundle, int8_bundle, heldout, tmp_path):
     with pytest.raises(QuantizeError, match="unknown method"):
         quantize_bundle(runtime_bundle, tmp_path / "o3", method="fp8", eval_text=heldout)
     with pytest.raises(QuantizeError, match="calibration text is too short"):
-        quantize_bundle(runtime_bundle, tmp_path / "o4", method="int8-static", calibration="def f(): pass", eval_text=heldout)
+        quantize_bundle(runtime_bundle, tmp_path / "o4", method="int8-static", calibration="def f(): pass",
+                        eval_text=heldout)
     with pytest.raises(QuantizeError, match="held-out text"):
         quantize_bundle(runtime_bundle, tmp_path / "o5", method="int8-weight")
     with pytest.raises(QuantizeError, match="too short for the quality gate"):
@@ -240,11 +264,36 @@ def test_errors_for_bad_input(runtime_bundle, int8_bundle, heldout, tmp_path):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
 
 
-@pytest.mark.parametrize("target,method", [("cuda", "int8-dynamic"), ("cuda", "int8-static"), ("dml", "int8-static"), ("dml", "int8-dynamic")])
+@pytest.mark.parametrize("target,method", [("cuda", "int8-dynamic"), ("cuda", "int8-static"), ("dml", "int8-static"),
+                                           ("dml", "int8-dynamic")])
 def test_method_the_target_cannot_run(runtime_bundle, heldout, tmp_path, target, method):
+    """The refusal names the recipe, the target, the reason from the provider's row in runtime/traits.py, and
+    what runs there instead."""
     bundle = retarget(runtime_bundle, tmp_path / target, target=target)
-    with pytest.raises(QuantizeError, match=f"{method} cannot run on a {target} bundle.*use one of: int8-weight, int4-weight"):
+    why = re.escape(TRAITS[target].int8_kernels[recipes.METHODS[method].kind])
+    with pytest.raises(QuantizeError, match=f"{method} cannot run on a {target} bundle .*: {why}; "
+                                            "use one of: int8-weight, int4-weight$"):
         quantize_bundle(bundle, tmp_path / "out", method=method, eval_text=heldout)
+
+
+def test_where_a_recipe_runs_is_the_provider_table(monkeypatch):
+    """A provider row without (or with) a kind's kernels changes what the quantizer allows; no names are compared."""
+    cpu, cuda = TRAITS["cpu"], TRAITS["cuda"]
+    no_dynamic = {**cpu.int8_kernels, "dynamic": "no kernels in this test"}
+    monkeypatch.setitem(TRAITS, "cpu", replace(cpu, int8_kernels=no_dynamic))
+    with pytest.raises(QuantizeError, match="int8-dynamic cannot run on a cpu bundle .*: no kernels in this test"):
+        recipes.get_method("int8-dynamic", "cpu")
+    assert "int8-dynamic" not in recipes.runnable_methods("cpu")
+    monkeypatch.setitem(TRAITS, "cuda", replace(cuda, int8_kernels={**cuda.int8_kernels, "dynamic": None}))
+    assert recipes.get_method("int8-dynamic", "cuda").kind == "dynamic"
+    assert recipes.runnable_methods("cuda") == ["int8-weight", "int8-dynamic", "int4-weight"]
+
+
+def test_auto_has_a_runnable_choice_for_every_provider():
+    """A provider row added to runtime/traits.py without an `auto` choice here fails this, not a user's run."""
+    assert set(AUTO) == set(TRAITS)
+    for target, (name, _) in AUTO.items():
+        assert recipes.get_method(name, target).name == name
 
 
 def test_read_text_takes_files_folders_globs_and_literal_text(tmp_path):
