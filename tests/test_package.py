@@ -109,3 +109,15 @@ def test_a_closed_pipe_ends_quietly(runtime_bundle, args):
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+def test_nothing_at_the_root_shadows_the_installed_package():
+    """Python puts the working folder first on sys.path: a folder named gptedge/ at the root would hide an installed
+    (non-editable) gptedge from anyone who runs Python there. Every subpackage lives in its own folder, mapped by
+    package-dir, the root package's files included (core/)."""
+    assert not (ROOT / "gptedge").exists()
+    line = next(x for x in (ROOT / "pyproject.toml").read_text().splitlines() if x.startswith("package-dir"))
+    mapping = dict(re.findall(r'"([\w.]+)" = "([\w/]+)"', line))
+    assert mapping["gptedge"] == "core" and all(not folder.startswith("gptedge") for folder in mapping.values())
+    result = _run("-c", "import gptedge, gptedge.runtime, gptedge.cli; print(gptedge.runtime.__name__)")
+    assert result.returncode == 0 and result.stdout.strip() == "gptedge.runtime", result.stderr
