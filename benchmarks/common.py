@@ -103,10 +103,11 @@ GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positio
 # Llama-family shapes on random weights: (a) sized like GPT-2 124M, (b) SmolLM2-135M's own shape.
 LLAMA_SHAPES = {
     "llama-124m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                       intermediate_size=3072, vocab_size=50257, max_position_embeddings=1024, tie_word_embeddings=True),
+                       intermediate_size=3072, vocab_size=50257, max_position_embeddings=1024,
+                       tie_word_embeddings=True),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True,
-                         rope_theta=100000.0),
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=1024,
+                         tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 
@@ -144,7 +145,8 @@ def synthetic_tokenizer(vocab_size: int):
 def save_hf_tokenizer(tok, folder: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
     fast.save_pretrained(folder)
 
 

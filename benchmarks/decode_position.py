@@ -103,13 +103,16 @@ def measure(bundle: Path, threads: int, positions: list[int], tokens: int, runs:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument("--positions", type=int, nargs="+", default=[50, 900], help="positions where decoding starts")
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     parser.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
-    parser.add_argument("--bundle", type=Path, default=CACHE / "gpt2-124m-random-fp32", help="bundle folder (built if missing)")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "decode_position.json", help="where to write the results")
+    parser.add_argument("--bundle", type=Path, default=CACHE / "gpt2-124m-random-fp32",
+                        help="bundle folder (built if missing)")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "decode_position.json",
+                        help="where to write the results")
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))

@@ -30,13 +30,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (HERE, LLAMA_SHAPES, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, files_mb, make_random_gpt2,
-                    make_random_llama)
+from common import (
+    HERE,
+    LLAMA_SHAPES,
+    LONG_POSITION,
+    NEW_TOKENS,
+    PROMPT_LEN,
+    THREADS,
+    files_mb,
+    make_random_gpt2,
+    make_random_llama,
+)
 
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
 BUILDER_SITE = CACHE / "genai-builder-site"
-LLAMA_BUILD = Path(os.environ.get("LLAMA_CPP_BUILD", CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build"))
+LLAMA_BUILD = Path(os.environ.get("LLAMA_CPP_BUILD",
+                                  CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build"))
 
 
 @dataclass
@@ -116,11 +126,13 @@ def prepare_genai(optimum_dirs: dict[str, Path], hf_dir: Path, root: Path) -> di
             "pad_token_id": cfg["eos_token_id"], "vocab_size": cfg["vocab_size"], "context_length": cfg["n_positions"],
             "decoder": {
                 "filename": model_file, "head_size": cfg["n_embd"] // cfg["n_head"], "hidden_size": cfg["n_embd"],
-                "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_head"], "num_hidden_layers": n_layer,
+                "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_head"],
+                "num_hidden_layers": n_layer,
                 "session_options": {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1, "provider_options": []},
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
             }},
             "search": {"do_sample": False, "max_length": cfg["n_positions"], "min_length": 0, "num_beams": 1,
                        "num_return_sequences": 1, "past_present_share_buffer": False, "top_k": 1, "top_p": 1.0,
@@ -139,9 +151,9 @@ def prepare_genai_builder(hf_dir: Path, root: Path) -> dict[str, Path]:
         if not (folder / "genai_config.json").exists():
             _log(f"building with onnxruntime-genai's model builder: {precision}")
             env = {**os.environ, "PYTHONPATH": str(BUILDER_SITE)}
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(folder),
-                            "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+                            "-o", str(folder), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")],
+                           check=True, env=env, stdout=subprocess.DEVNULL)
         out[precision] = folder
     return out
 
@@ -162,14 +174,15 @@ def prepare_gguf(hf_dir: Path, root: Path) -> dict[str, Path]:
         if not target.exists():
             _log(f"converting to GGUF {outtype}")
             folder = Path(converters[0]).parent
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(folder / "gguf-py")]), "NO_LOCAL_GGUF": "1"}
-            subprocess.run([sys.executable, str(HERE / "gguf_convert.py"), converters[0], str(hf_dir), outtype, str(target)],
-                           check=True, env=env)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(folder / "gguf-py")]),
+                   "NO_LOCAL_GGUF": "1"}
+            subprocess.run([sys.executable, str(HERE / "gguf_convert.py"), converters[0], str(hf_dir), outtype,
+                            str(target)], check=True, env=env)
         out[outtype] = target
     q4 = root / "model-q4_0.gguf"
     if not q4.exists() and (LLAMA_BUILD / "bin" / "llama-quantize").exists():
-        subprocess.run([str(LLAMA_BUILD / "bin" / "llama-quantize"), str(f32), str(q4), "Q4_0", str(THREADS)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([str(LLAMA_BUILD / "bin" / "llama-quantize"), str(f32), str(q4), "Q4_0", str(THREADS)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not q4.exists():
         import llama_cpp
 
@@ -202,7 +215,8 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
     rows.append(Row("pytorch-fp32", "pytorch", hf_dir, sorted(hf_dir.glob("*.safetensors"))))
     if _have("optimum.onnxruntime"):
         opt = prepare_optimum(hf_dir, root)
-        rows.append(Row("naive-ort-fp32", "naive-ort", opt["fp32"] / "model.onnx", sorted(opt["fp32"].glob("model.onnx*"))))
+        rows.append(Row("naive-ort-fp32", "naive-ort", opt["fp32"] / "model.onnx",
+                        sorted(opt["fp32"].glob("model.onnx*"))))
         rows.append(Row("optimum-fp32", "optimum", opt["fp32"], sorted(opt["fp32"].glob("model.onnx*"))))
         rows.append(Row("naive-ort-int8", "naive-ort", opt["int8"] / "model_quantized.onnx",
                         sorted(opt["int8"].glob("model_quantized.onnx*"))))
@@ -210,7 +224,8 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
                         extra=["--file-name", "model_quantized.onnx"]))
         if _have("onnxruntime_genai") and not llama:
             for kind, path in prepare_genai(opt, hf_dir, root).items():
-                rows.append(Row(f"genai-on-optimum-{kind}", "genai", path, [], note="hand-written genai_config, type llama"))
+                rows.append(Row(f"genai-on-optimum-{kind}", "genai", path, [],
+                                note="hand-written genai_config, type llama"))
     else:
         skipped.append("optimum rows (optimum-onnx not installed)")
     if not _have("onnxruntime_genai"):
@@ -233,7 +248,8 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
     bench = LLAMA_BUILD / "bin" / "llama-bench"
     if ggufs and bench.exists():
         for kind in ("q8_0", "q4_0"):
-            rows.append(Row(f"llama-bench-{kind}", "llama-bench", ggufs[kind], [ggufs[kind]], note="llama.cpp's own C++ loop"))
+            rows.append(Row(f"llama-bench-{kind}", "llama-bench", ggufs[kind], [ggufs[kind]],
+                            note="llama.cpp's own C++ loop"))
     elif ggufs:
         skipped.append(f"llama-bench rows (no {bench})")
     if args.rows:
@@ -243,8 +259,8 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
 
 def run_llama_bench(row: Row) -> dict:
     """llama.cpp's own benchmark: pp128 (prefill tok/s) and tg128 (decode tok/s) on the same GGUF, same threads."""
-    cmd = [str(LLAMA_BUILD / "bin" / "llama-bench"), "-m", str(row.artifact), "-p", str(PROMPT_LEN), "-n", str(NEW_TOKENS),
-           "-t", str(THREADS), "-r", "1", "-o", "json"]
+    cmd = [str(LLAMA_BUILD / "bin" / "llama-bench"), "-m", str(row.artifact), "-p", str(PROMPT_LEN), "-n",
+           str(NEW_TOKENS), "-t", str(THREADS), "-r", "1", "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
@@ -261,12 +277,13 @@ def run_llama_bench(row: Row) -> dict:
 def run_row(row: Row, long_position: int) -> dict:
     if row.system == "llama-bench":
         return run_llama_bench(row)
-    cmd = [sys.executable, str(HERE / "row.py"), row.system, str(row.artifact), "--long-position", str(long_position), *row.extra]
+    cmd = [sys.executable, str(HERE / "row.py"), row.system, str(row.artifact), "--long-position", str(long_position),
+           *row.extra]
     env = dict(os.environ)
     if row.system == "llamacpp" and (LLAMA_BUILD / "bin" / "libllama.so").exists():
         env["LLAMA_CPP_LIB_PATH"] = str(LLAMA_BUILD / "bin")  # the same build as llama-bench's
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] }")
     return json.loads(lines[-1][4:])
@@ -286,9 +303,11 @@ def summarize(name: str, runs: list[dict], row: Row, reference: list[int] | None
     else:
         same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
         agree = f"{same}/{len(reference)}" if same == len(reference) else f"first {same}"
-    artifact_mb = files_mb(row.files) if row.files else files_mb(p for p in row.artifact.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+    artifact_mb = files_mb(row.files) if row.files else files_mb(
+        p for p in row.artifact.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
     return {
-        "row": name, "note": row.note, "prefill_tps": med("prefill_tps"), "load_s": med("load_s"), "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
+        "row": name, "note": row.note, "prefill_tps": med("prefill_tps"), "load_s": med("load_s"),
+        "ttft_ms": med("ttft_ms"), "cold_ttft_ms": med("cold_ttft_ms"),
         "decode_tps": med("decode_tps"), "decode_tps_min": min(tps), "decode_tps_max": max(tps),
         "late_position": runs[-1]["late_position"], "late_decode_tps": med("late_decode_tps"),
         "peak_rss_mb": med("peak_rss_mb"), "model_mb": artifact_mb,
@@ -298,8 +317,8 @@ def summarize(name: str, runs: list[dict], row: Row, reference: list[int] | None
 
 def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
     late = next((r["late_position"] for r in results if r.get("late_position")), LONG_POSITION)
-    head = (f"| row | load s | TTFT ms | cold TTFT ms | decode tok/s (min-max) | decode tok/s @ ~{late} | peak RSS MB | "
-            "model MB | ppl | tokens vs PyTorch | n |")
+    head = (f"| row | load s | TTFT ms | cold TTFT ms | decode tok/s (min-max) | decode tok/s @ ~{late} | "
+            "peak RSS MB | model MB | ppl | tokens vs PyTorch | n |")
     lines = [head, "|" + "---|" * 11]
 
     def f(value, spec: str) -> str:
@@ -309,9 +328,10 @@ def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "-"
         ttft = f(r["ttft_ms"], ".0f") + (" (pp)" if r.get("prefill_tps") else "")
         lines.append(
-            f"| {r['row']} | {f(r['load_s'], '.2f')} | {ttft} | {f(r['cold_ttft_ms'], '.0f')} | **{r['decode_tps']:.1f}** "
-            f"({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {f(r['late_decode_tps'], '.1f')} | "
-            f"{f(r['peak_rss_mb'], '.0f')} | {r['model_mb']:.0f} | {ppl} | {r['tokens_vs_pytorch']} | {r['n']} |")
+            f"| {r['row']} | {f(r['load_s'], '.2f')} | {ttft} | {f(r['cold_ttft_ms'], '.0f')} | "
+            f"**{r['decode_tps']:.1f}** ({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | "
+            f"{f(r['late_decode_tps'], '.1f')} | {f(r['peak_rss_mb'], '.0f')} | {r['model_mb']:.0f} | {ppl} | "
+            f"{r['tokens_vs_pytorch']} | {r['n']} |")
     lines.append("")
     lines.append(f"Model: {meta['model']}; batch 1, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new greedy tokens, "
                  f"{THREADS} threads, medians of {meta['runs']} fresh-process runs; machine: {meta['machine']}.")
@@ -342,8 +362,8 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         ys = c["tps"] + c["late_tps"]
         window = 8  # per-token times are noisy; a short moving median shows the trend
         smooth = [statistics.median(ys[max(0, i - window):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, smooth, "o" if r["row"].startswith("gptedge") else ".", markersize=3 if r["row"].startswith("gptedge") else 2,
-                color=colors[i % len(colors)], label=r["row"])
+        ax.plot(xs, smooth, "o" if r["row"].startswith("gptedge") else ".",
+                markersize=3 if r["row"].startswith("gptedge") else 2, color=colors[i % len(colors)], label=r["row"])
     ax.set_xlabel("position (tokens in context)")
     ax.set_ylabel("decode tokens/s (moving median of 8)")
     ax.set_title(title)
@@ -356,7 +376,8 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
 
 def quality_table(rows: list[Row]) -> str:
     """The quality gate's measurements stored in each quantized gptedge bundle (gptedge.json)."""
-    lines = ["| bundle | perplexity | vs fp32 | top-1 agreement | greedy agreement (identical prefix) | model bytes vs fp32 |",
+    lines = ["| bundle | perplexity | vs fp32 | top-1 agreement | greedy agreement (identical prefix) | "
+             "model bytes vs fp32 |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         if row.system != "gptedge":
@@ -365,9 +386,9 @@ def quality_table(rows: list[Row]) -> str:
         if not q:
             continue
         g = q["quality"]
-        lines.append(f"| {row.name} | {g['quantized_ppl']:.3f} (fp32 {g['float_ppl']:.3f}) | {g['ppl_increase_pct']:+.2f}% | "
-                     f"{g['top1_agreement']:.1%} | {g['greedy_agreement']:.1%} ({g['greedy_prefix']:.1%}) | "
-                     f"{q['model_bytes'] / q['source_model_bytes']:.1%} |")
+        lines.append(f"| {row.name} | {g['quantized_ppl']:.3f} (fp32 {g['float_ppl']:.3f}) | "
+                     f"{g['ppl_increase_pct']:+.2f}% | {g['top1_agreement']:.1%} | {g['greedy_agreement']:.1%} "
+                     f"({g['greedy_prefix']:.1%}) | {q['model_bytes'] / q['source_model_bytes']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -397,15 +418,16 @@ def versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["gpt2-124m", "demo", *LLAMA_SHAPES], default="gpt2-124m",
-                        help="gpt2-124m: random-init GPT-2 small shape; demo: a trained gptedge checkpoint (--checkpoint); "
-                             "llama-124m / smollm2-135m: random-init Llama-family shapes")
+                        help="gpt2-124m: random-init GPT-2 small shape; demo: a trained gptedge checkpoint "
+                             "(--checkpoint); llama-124m / smollm2-135m: random-init Llama-family shapes")
     parser.add_argument("--checkpoint", help="gptedge checkpoint folder for --model demo")
     parser.add_argument("--eval-text", help="held-out text file for perplexity (demo model)")
     parser.add_argument("--methods", nargs="*", default=None,
                         help="gptedge quantization recipes to include")
     parser.add_argument("--rows", nargs="*", help="only rows whose name starts with one of these")
     parser.add_argument("--runs", type=int, default=3, help="fresh-process runs per row (medians reported)")
-    parser.add_argument("--long-position", type=int, default=LONG_POSITION, help="position of the late decode measurement")
+    parser.add_argument("--long-position", type=int, default=LONG_POSITION,
+                        help="position of the late decode measurement")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .json and .png results")
     args = parser.parse_args()
     if args.model == "demo" and not args.checkpoint:

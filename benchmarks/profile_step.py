@@ -77,7 +77,8 @@ def main() -> None:
     name = args.name or f"{args.bundle.parent.name}-{args.bundle.name}" + (f"-b{args.batch}" if args.batch > 1 else "")
     out = HERE / "results" / f"profile-{name}.json"
     out.write_text(json.dumps(result, indent=1))
-    print(f"{args.bundle} x{args.batch}: {wall_ms:.2f} ms a step (no profiler), kernels {result['kernel_ms_per_token']:.2f} ms")
+    print(f"{args.bundle} x{args.batch}: {wall_ms:.2f} ms a step (no profiler), "
+          f"kernels {result['kernel_ms_per_token']:.2f} ms")
     for o in ops[:10]:
         print(f"  {o['op']:34s} {o['ms_per_token']:.3f} ms  {o['nodes']:3d} nodes  {o['share']:.1%}")
     print(f"wrote {out}")

@@ -70,7 +70,6 @@ def _log(message: str) -> None:
 def prepare(work: Path, only: list[str] | None) -> dict[str, Path]:
     """The fp32 bundle and one bundle per variant (built once, reused by later runs)."""
     from common import make_random_gpt2
-
     from gptedge.export.exporter import export_bundle
     from gptedge.quantize.quantizer import build_quantized_model
     from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, read_spec, write_spec

@@ -12,8 +12,21 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from common import (LONG_NEW_TOKENS, LONG_POSITION, NEW_TOKENS, PROMPT_LEN, THREADS, Timed, context_of, emit,
-                    peak_rss_mb, pin_threads, prompt_ids, rss_mb, timed)
+from common import (
+    LONG_NEW_TOKENS,
+    LONG_POSITION,
+    NEW_TOKENS,
+    PROMPT_LEN,
+    THREADS,
+    Timed,
+    context_of,
+    emit,
+    peak_rss_mb,
+    pin_threads,
+    prompt_ids,
+    rss_mb,
+    timed,
+)
 
 Stream = Callable[[list[int], int], Iterable[int]]  # (prompt ids, new tokens) -> token ids as they come
 
@@ -214,7 +227,8 @@ def main() -> None:
         "decode_tps": warm.decode_tps, "late_position": long_prompt, "late_decode_tps": late.decode_tps,
         "peak_rss_mb": peak_rss_mb(), "rss_start_mb": rss_start, "tokens": warm.tokens,
         "curve": {"positions": list(range(PROMPT_LEN + 1, PROMPT_LEN + len(warm.times))), "tps": warm.per_token_tps(),
-                  "late_positions": list(range(long_prompt + 1, long_prompt + len(late.times))), "late_tps": late.per_token_tps()},
+                  "late_positions": list(range(long_prompt + 1, long_prompt + len(late.times))),
+                  "late_tps": late.per_token_tps()},
     })
 
 

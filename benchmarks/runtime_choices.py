@@ -77,7 +77,8 @@ def main() -> None:
 
     root = CACHE / "gpt2-124m"
     bundle = str(prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"])
-    prefill = {f"chunk_{c}": [run(PREFILL, bundle, str(c), str(THREADS)) for _ in range(2)] for c in (900, PREFILL_CHUNK)}
+    prefill = {f"chunk_{c}": [run(PREFILL, bundle, str(c), str(THREADS)) for _ in range(2)]
+               for c in (900, PREFILL_CHUNK)}
     prefill_summary = {name: {"peak_rss_mb": min(r["peak_rss_mb"] for r in rows),
                               "seconds": min(r["seconds"] for r in rows)} for name, rows in prefill.items()}
     spinning = {}

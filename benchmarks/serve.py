@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from common import HERE, LLAMA_SHAPES, NEW_TOKENS, PROMPT_LEN, THREADS, make_random_gpt2, make_random_llama, prompt_ids
 from peers import CACHE, LLAMA_BUILD, prepare_gguf, prepare_gptedge
 
@@ -68,8 +69,8 @@ def start(system: str, artifact: Path, clients: int, context: int) -> tuple[subp
         cmd = [sys.executable, "-m", "gptedge.cli", "serve", f"model={artifact}", "--port", str(port),
                "--threads", str(THREADS), "--parallel", str(clients), "--provider", "cpu"]
     else:
-        cmd = [str(LLAMA_BUILD / "bin" / "llama-server"), "-m", str(artifact), "--port", str(port), "--host", "127.0.0.1",
-               "-t", str(THREADS), "-tb", str(THREADS), "-np", str(clients), "-c", str(context * clients),
+        cmd = [str(LLAMA_BUILD / "bin" / "llama-server"), "-m", str(artifact), "--port", str(port), "--host",
+               "127.0.0.1", "-t", str(THREADS), "-tb", str(THREADS), "-np", str(clients), "-c", str(context * clients),
                "--no-warmup", "-a", "model"]
         env["LD_LIBRARY_PATH"] = str(LLAMA_BUILD / "bin")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -206,13 +207,14 @@ def markdown(rows: list[dict], meta: dict, summary: dict) -> str:
     lines = [f"# gptedge serve vs llama-server ({meta['model']}, {meta['threads']} threads)", "",
              f"{meta['machine']}; {meta['time']}; {PROMPT_LEN}-token prompts, {NEW_TOKENS} greedy tokens per request, "
              "every client streaming; medians over rounds (min-max). Aggregate decode: tokens after each client's "
-             "first, over the time from the first first token to the last token; all tokens / wall: prefills included.", "",
-             "| server | clients | aggregate decode tok/s | all tokens / wall, tok/s | TTFT p50 ms | TTFT p95 ms |",
+             "first, over the time from the first first token to the last token; all tokens / wall: prefills included.",
+             "", "| server | clients | aggregate decode tok/s | all tokens / wall, tok/s | TTFT p50 ms | TTFT p95 ms |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         decode = f"{r['decode_tps']:.1f} ({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f})"
         spread = f"{r['aggregate_tps']:.1f} ({r['aggregate_tps_min']:.1f}-{r['aggregate_tps_max']:.1f})"
-        lines.append(f"| {r['system']} | {r['clients']} | {decode} | {spread} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} |")
+        lines.append(f"| {r['system']} | {r['clients']} | {decode} | {spread} | {r['ttft_p50_ms']:.0f} | "
+                     f"{r['ttft_p95_ms']:.0f} |")
     lines += ["", *(f"- {k}: {v}" for k, v in summary.items()), ""]
     return "\n".join(lines)
 
@@ -228,7 +230,8 @@ def main() -> None:
         hf_dir, vocab, context = make_random_gpt2(root / "hf"), 50257, 1024
     else:
         shape = LLAMA_SHAPES[args.model]
-        hf_dir, vocab, context = make_random_llama(root / "hf", shape), shape["vocab_size"], shape["max_position_embeddings"]
+        hf_dir, vocab, context = (make_random_llama(root / "hf", shape), shape["vocab_size"],
+                                  shape["max_position_embeddings"])
     bundle = prepare_gptedge(hf_dir, root, ["int8-weight"], None)["int8-weight"]
     gguf = prepare_gguf(hf_dir, root)["q8_0"] if (LLAMA_BUILD / "bin" / "llama-server").exists() else None
     systems = {"gptedge": bundle, **({"llama-server": gguf} if gguf else {})}

@@ -84,10 +84,11 @@ def request(i: int) -> tuple[str, dict]:
     if kind == 0:
         return prompt, dict(temperature=0.0, max_new_tokens=32, stop_token_ids=())
     if kind == 1:
-        return prompt, dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.02, seed=i % 13, max_new_tokens=32, stop_token_ids=())
-    if kind == 2:
-        return prompt, dict(temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.2, seed=i % 7, max_new_tokens=24,
+        return prompt, dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.02, seed=i % 13, max_new_tokens=32,
                             stop_token_ids=())
+    if kind == 2:
+        return prompt, dict(temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.2, seed=i % 7,
+                            max_new_tokens=24, stop_token_ids=())
     return prompt, dict(temperature=0.0, max_new_tokens=48, stop_strings=("\n\n",), stop_token_ids=())
 
 
@@ -204,8 +205,10 @@ def cancellations(model, n: int = 100, workers: int = 4) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle to soak (default: build the cached random 'small' bundle)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="bundle to soak (default: build the cached random 'small' bundle)")
     parser.add_argument("--generations", type=int, default=1000, help="generations in the soak")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "soak.json", help="where to write the results")
@@ -224,15 +227,17 @@ def main() -> int:
     results["cancellations"] = cancellations(model)
     s, t, c = results["soak"], results["threaded"], results["cancellations"]
     rows = [
-        ("soak", f"{s['generations']} generations, {s['tokens']} tokens in {s['seconds']} s ({s['tokens_per_s']} tok/s)",
-         f"RSS {s['rss_after_warmup_mb']} -> {s['rss_end_mb']} MB ({s['rss_growth_pct']:+.2f}%, limit {MAX_GROWTH_PCT}%); "
-         f"repeat mismatches {s['repeat_mismatches']}", s["passed"]),
+        ("soak",
+         f"{s['generations']} generations, {s['tokens']} tokens in {s['seconds']} s ({s['tokens_per_s']} tok/s)",
+         f"RSS {s['rss_after_warmup_mb']} -> {s['rss_end_mb']} MB "
+         f"({s['rss_growth_pct']:+.2f}%, limit {MAX_GROWTH_PCT}%); repeat mismatches {s['repeat_mismatches']}",
+         s["passed"]),
         ("threads", f"{t['threads']} x {t['generations'] // t['threads']} generations: {t['threaded_s']} s threaded, "
-                    f"{t['sequential_s']} s sequential", f"mismatches {t['mismatches']}, deadlocked threads {t['deadlocked_threads']}",
-         t["passed"]),
+                    f"{t['sequential_s']} s sequential",
+         f"mismatches {t['mismatches']}, deadlocked threads {t['deadlocked_threads']}", t["passed"]),
         ("cancel", f"{c['cancelled']}/{c['of']} cancelled mid-stream in {c['seconds']} s",
-         f"pool {c['pool_sizes']}, leaked KV caches {c['leaked_kv_caches']}, RSS {c['rss_before_mb']} -> {c['rss_after_mb']} MB",
-         c["passed"]),
+         f"pool {c['pool_sizes']}, leaked KV caches {c['leaked_kv_caches']}, "
+         f"RSS {c['rss_before_mb']} -> {c['rss_after_mb']} MB", c["passed"]),
     ]
     width = max(len(r[1]) for r in rows)
     print(f"{'check':<8}  {'work'.ljust(width)}  {'result':<70}  ok")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from common import HERE, THREADS, make_random_gpt2, pin_threads
 from peers import CACHE, prepare_gptedge
 

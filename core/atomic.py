@@ -51,7 +51,8 @@ def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iter
     """
     dest = Path(dest).resolve()
     if dest.exists() and not force:
-        raise OutputExistsError(f"{dest} already exists; pass --force (force=True) to replace it, or choose another folder")
+        raise OutputExistsError(f"{dest} already exists; pass --force (force=True) to replace it, "
+                                "or choose another folder")
     if dest.exists() and not dest.is_dir():
         raise OutputExistsError(f"{dest} exists and is not a folder; remove it or choose another output path")
     parent = dest.parent
@@ -62,7 +63,8 @@ def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iter
             _clean_stale(parent, dest.name)
             tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=parent))
         except OSError as exc:
-            raise GptEdgeError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable output folder") from exc
+            raise GptEdgeError(f"cannot write to {parent}: {exc.strerror or exc}; "
+                               "choose a writable output folder") from exc
         yield from _fill_and_publish(tmp, dest)
 
 
@@ -73,7 +75,8 @@ def _fill_and_publish(tmp: Path, dest: Path) -> Iterator[Path]:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
-            raise GptEdgeError(f"disk full while writing {dest}; free space and run again (nothing was written)") from exc
+            raise GptEdgeError(f"disk full while writing {dest}; "
+                               "free space and run again (nothing was written)") from exc
         raise GptEdgeError(f"cannot write {dest}: {exc.strerror or exc} (nothing was written)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,8 +90,8 @@ def _destination_lock(parent: Path, name: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not _try_lock(fd):
-            raise OutputBusyError(f"another gptedge process is writing {parent / name} right now; wait for it to finish, "
-                                  "or choose another output folder")
+            raise OutputBusyError(f"another gptedge process is writing {parent / name} right now; "
+                                  "wait for it to finish, or choose another output folder")
         try:
             yield
         finally:

@@ -23,7 +23,8 @@ from gptedge.errors import GptEdgeError
 # command -> (module, one-line help). Declared once; `--help` reads it without importing anything.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gptedge.train.cli", "train or fine-tune a GPT (default data: the Python standard library's source)"),
-    "export": ("gptedge.export.cli", "export a gptedge checkpoint or a local Hugging Face GPT-2 folder to a verified bundle"),
+    "export": ("gptedge.export.cli",
+               "export a gptedge checkpoint or a local Hugging Face GPT-2 folder to a verified bundle"),
     "quantize": ("gptedge.quantize.cli", "quantize a bundle to INT8/INT4, gated by a measured quality check"),
     "generate": ("gptedge.runtime.cli", "generate text from a prompt, streamed to the terminal"),
     "chat": ("gptedge.runtime.cli", "multi-turn chat with history truncated to the context"),
@@ -31,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gptedge.runtime.cli", "perplexity of a bundle on a text file"),
     "info": ("gptedge.runtime.cli", "describe a bundle: architecture, dtype, quantization, quality report, sizes"),
     "bench": ("gptedge.runtime.cli", "measure load time, time to first token and decode tokens/s of a bundle"),
-    "serve": ("gptedge.runtime.serve.cli", "serve bundles over an OpenAI-compatible HTTP API with a chat page (extra: serve)"),
+    "serve": ("gptedge.runtime.serve.cli",
+              "serve bundles over an OpenAI-compatible HTTP API with a chat page (extra: serve)"),
     "demo": ("gptedge.demo", "train -> export -> quantize -> generate on the embedded default corpus, in one folder"),
 }
 
@@ -106,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = missing_extra(exc)
         if hint is None:
             raise
-        print(f"gptedge {command}: error: this command needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
+        print(f"gptedge {command}: error: this command needs {exc.name}, which is not installed: {hint}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gptedge {command}: interrupted", file=sys.stderr)

@@ -22,14 +22,18 @@ NEXT_PROMPT = "for i in range("
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--out", default="gptedge-demo", metavar="DIR", help="folder for every output (kept; reused on re-runs)")
-    parser.add_argument("--preset", default="small", metavar="NAME", help="model size to train (tiny: seconds; small: minutes)")
+    parser.add_argument("--out", default="gptedge-demo", metavar="DIR",
+                        help="folder for every output (kept; reused on re-runs)")
+    parser.add_argument("--preset", default="small", metavar="NAME",
+                        help="model size to train (tiny: seconds; small: minutes)")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps (default: the preset's)")
     parser.add_argument("--method", default="auto", metavar="METHOD",
                         help="quantization recipe (auto picks the fastest INT8 recipe for CPU)")
     parser.add_argument("--prompt", default=PROMPT, help="Python prompt whose completion is streamed")
-    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="tokens to generate for the completion")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the streamed completion (same seed, same text)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
+                        help="tokens to generate for the completion")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed of the streamed completion (same seed, same text)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference (default: physical cores)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage even where its output exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -68,8 +72,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     from gptedge.export.exporter import export_bundle
     from gptedge.quantize.quantizer import quantize_bundle
     from gptedge.runtime import Model
-    from gptedge.train.cli import summary
     from gptedge.train.checkpoint import is_checkpoint
+    from gptedge.train.cli import summary
     from gptedge.train.trainer import TrainConfig, train
 
     out = Path(args.out)
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(_speed_row("fp32", float_model, ids, new))
     print(_speed_row("int8", model, ids, new))
     print(f"\ndone in {time.perf_counter() - started:.0f} s. Everything is in {out}/; try:\n"
-          f"  gptedge generate {int8} \"import os\\n\"\n  gptedge next {int8} \"class \"\n  gptedge eval {int8} {heldout}")
+          f"  gptedge generate {int8} \"import os\\n\"\n  gptedge next {int8} \"class \"\n"
+          f"  gptedge eval {int8} {heldout}")
     return 0
 
 

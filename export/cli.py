@@ -13,15 +13,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("source", type=Path, metavar="SOURCE",
                         help="a gptedge checkpoint folder, or a local Hugging Face model folder "
                              "(model_type gpt2, llama, mistral, qwen2, qwen3 or phi3) "
-                             "(config.json + model.safetensors or pytorch_model.bin + tokenizer files); nothing is downloaded")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle folder to write (model.onnx, model.onnx.data, tokenizer.json, gptedge.json)")
+                             "(config.json + model.safetensors or pytorch_model.bin + tokenizer files); "
+                             "nothing is downloaded")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",
+                        help="bundle folder to write (model.onnx, model.onnx.data, tokenizer.json, gptedge.json)")
     parser.add_argument("--target", choices=("cpu", "cuda", "dml"), default="cpu",
                         help="where the bundle will run: cpu, cuda (NVIDIA) or dml (DirectML on Windows GPUs)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
                         help="weight and activation precision (default: fp32 for cpu, fp16 for cuda and dml; "
                              "CUDA's GroupQueryAttention needs fp16)%(default).0s")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
-                        help="longest sequence the bundle serves, at most the model's block size (default: the block size)%(default).0s")
+                        help="longest sequence the bundle serves, at most the model's block size "
+                             "(default: the block size)%(default).0s")
     parser.add_argument("--kv", choices=("inplace", "concat"), default="inplace",
                         help="KV cache: inplace (GroupQueryAttention writes into one fixed buffer, O(1) per token) "
                              "or concat (standard ONNX ops only, portable, copies the cache each token)")

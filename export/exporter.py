@@ -27,7 +27,16 @@ from typing import Any, Iterator
 
 from gptedge.errors import CheckpointError, UsageError
 from gptedge.runtime.bundle import (
-    DTYPES, KV_UPDATES, MODEL_NAME, TARGETS, TOKENIZER_NAME, Architecture, BundleSpec, KVCacheSpec, sha256_file, write_spec,
+    DTYPES,
+    KV_UPDATES,
+    MODEL_NAME,
+    TARGETS,
+    TOKENIZER_NAME,
+    Architecture,
+    BundleSpec,
+    KVCacheSpec,
+    sha256_file,
+    write_spec,
 )
 from gptedge.runtime.chat import DEFAULT_TEMPLATE
 from gptedge.runtime.traits import TRAITS
@@ -120,8 +129,9 @@ def load_source(path: str | Path) -> Source:
             chat_template=src.chat_template,
         )
     raise CheckpointError(
-        f"{path} is neither a gptedge checkpoint (config.json with \"format\": \"gptedge-checkpoint\" + model.safetensors) "
-        "nor a Hugging Face model folder (config.json with model_type + weights); pass one of those"
+        f"{path} is neither a gptedge checkpoint (config.json with \"format\": \"gptedge-checkpoint\" + "
+        "model.safetensors) nor a Hugging Face model folder (config.json with model_type + weights); "
+        "pass one of those"
     )
 
 
@@ -135,8 +145,9 @@ def _check_options(target: str, dtype: str | None, kv: str) -> str:
     if kv not in KV_UPDATES:
         raise UsageError(f"kv {kv!r} is not one of {', '.join(KV_UPDATES)}")
     if kv == "inplace" and dtype not in traits.gqa_dtypes:
-        raise UsageError(f"{traits.ort_name}'s GroupQueryAttention runs {' / '.join(traits.gqa_dtypes)} only: use --dtype "
-                         f"{traits.default_dtype} for --target {target}, or --kv concat for a {dtype} {target} bundle")
+        raise UsageError(f"{traits.ort_name}'s GroupQueryAttention runs {' / '.join(traits.gqa_dtypes)} only: "
+                         f"use --dtype {traits.default_dtype} for --target {target}, "
+                         f"or --kv concat for a {dtype} {target} bundle")
     return dtype
 
 
@@ -147,7 +158,8 @@ def _check_paths(source: Path, out: Path, force: bool) -> None:
     if dst == src or dst in src.parents:
         raise UsageError(f"the output folder {out} would replace the source {source}; choose another output folder")
     if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another folder")
+        raise OutputExistsError(f"{dst} already exists; pass --force (force=True) to replace it, "
+                                "or choose another folder")
 
 
 def _context(max_context: int | None, config) -> int:
@@ -179,7 +191,8 @@ def export_model(model, context: int, dtype: str):
     m = copy.deepcopy(model)  # deepcopy keeps a tied lm_head tied to wte
     if context < m.config.block_size:
         if "wpe" in m.transformer:
-            m.transformer.wpe = torch.nn.Embedding.from_pretrained(m.transformer.wpe.weight[:context].clone(), freeze=True)
+            m.transformer.wpe = torch.nn.Embedding.from_pretrained(m.transformer.wpe.weight[:context].clone(),
+                                                                   freeze=True)
         m.config = replace(m.config, block_size=context)
         m.build_rope()
     m = m.to(torch.float16 if dtype == "fp16" else torch.float32).eval().requires_grad_(False)
@@ -209,7 +222,8 @@ def _versions() -> dict[str, str]:
 
     from gptedge import __version__
 
-    return {"gptedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"gptedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def export_bundle(
@@ -250,7 +264,8 @@ def export_bundle(
         details=model_details(config),
     )
     spec = BundleSpec(
-        architecture=arch, dtype=dtype, target=target, io=io_spec(kv), kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
+        architecture=arch, dtype=dtype, target=target, io=io_spec(kv),
+        kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
         special_tokens=src.special_tokens, generation_defaults=src.generation_defaults, chat_template=src.chat_template,
     )
     with atomic_output_dir(out_dir, force=force) as tmp:

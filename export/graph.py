@@ -56,7 +56,8 @@ class GroupQueryKernel:
     (do_rotary), so the rotation happens inside the kernel at the positions it derives from seqlens_k.
     """
 
-    def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor, total: torch.Tensor) -> None:
+    def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor,
+                 total: torch.Tensor) -> None:
         c = model.config
         self.past, self.seqlens_k, self.total = past, seqlens_k, total
         self.rope = [model.rope_cos, model.rope_sin] if c.positions == "rope" else []
@@ -98,7 +99,8 @@ class ConcatKernel:
         T = attention_mask.shape[1]
         keys = torch.arange(T, device=attention_mask.device)  # [T]
         queries = torch.arange(S, device=attention_mask.device) + (T - S)  # [S]
-        self.allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+        # [B, 1, S, T]
+        self.allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
         self.presents: list[torch.Tensor] = []
 
     def __call__(self, layer: int, qkv: torch.Tensor, attn) -> torch.Tensor:
@@ -183,7 +185,8 @@ def example_inputs(kv: str, model: GPT, dtype: torch.dtype) -> tuple[torch.Tenso
     ids = torch.zeros(B, S, dtype=torch.long)
     past = tuple(torch.zeros(B, c.n_kv_head, P, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layer))
     if kv == "inplace":
-        extra: tuple[torch.Tensor, ...] = (torch.full((B,), S - 1, dtype=torch.int32), torch.tensor(S, dtype=torch.int32))
+        extra: tuple[torch.Tensor, ...] = (torch.full((B,), S - 1, dtype=torch.int32),
+                                           torch.tensor(S, dtype=torch.int32))
     else:
         extra = (torch.ones(B, P + S, dtype=torch.long),)
     return (ids, ids.clone(), *extra, torch.zeros(B, K, dtype=torch.long), *past)
@@ -229,7 +232,8 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a GPT
     try:
-        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused kernels too. "concat" stays portable.
+        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused kernels too.
+        # "concat" stays portable.
         fused = fused_kernels(gelu=TRAITS[target].fused_gelu) if kv == "inplace" else contextlib.nullcontext()
         with warnings.catch_warnings(), torch.no_grad(), fused:
             warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; real failures raise

@@ -22,7 +22,8 @@ from gptedge.errors import CheckpointError
 from gptedge.export.hf_families import FAMILIES, HFFamily, WeightMap, supported
 from gptedge.train.model import GPT, GPTConfig
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -71,8 +72,8 @@ def model_type(hf: dict[str, Any]) -> str:
 def family(hf: dict[str, Any], where: Path) -> HFFamily:
     mt = model_type(hf)
     if mt not in FAMILIES:
-        raise CheckpointError(f"{where}: model_type {mt!r} is not supported; gptedge exports these Hugging Face model types: "
-                              f"{supported()}")
+        raise CheckpointError(f"{where}: model_type {mt!r} is not supported; "
+                              f"gptedge exports these Hugging Face model types: {supported()}")
     fam = FAMILIES[mt]
     archs = set(hf.get("architectures") or [])
     if archs and not archs & set(fam.architectures):
@@ -88,7 +89,8 @@ def gpt_config(hf: dict[str, Any], where: Path) -> GPTConfig:
         return GPTConfig(dropout=0.0, **fam.config(hf, where))
     except (TypeError, ValueError, KeyError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise CheckpointError(f"{where}: config.json has invalid sizes or settings ({detail}); restore the file") from exc
+        raise CheckpointError(f"{where}: config.json has invalid sizes or settings ({detail}); "
+                              "restore the file") from exc
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -119,7 +121,9 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: tensors and plain containers only; a pickle that tries to run code is refused.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors, pickle and zip errors have no common base class
-        raise CheckpointError(f"{path} could not be read as weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); it is damaged or not a torch/safetensors file") from exc
+        raise CheckpointError(f"{path} could not be read as weights ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "it is damaged or not a torch/safetensors file") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors; it is not a transformers weight file")
     return state
@@ -161,14 +165,17 @@ def convert_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig, wma
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", extra),
-                                ("wrong shape", [f"{k} {tuple(out[k].shape)} (config.json implies {expected[k]})" for k in wrong]))
+                                ("wrong shape",
+                                 [f"{k} {tuple(out[k].shape)} (config.json implies {expected[k]})" for k in wrong]))
             if keys
         )
-        raise CheckpointError(f"{where}: the weights do not match config.json ({detail}); the folder is damaged, or its "
-                              "config.json belongs to another model")
-    if config.tie_embeddings and head is not None and not torch.equal(head.to(torch.float32), out["transformer.wte.weight"]):
-        raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the token embedding; "
-                              "set tie_word_embeddings to false in config.json if the head is its own matrix")
+        raise CheckpointError(f"{where}: the weights do not match config.json ({detail}); the folder is damaged, or "
+                              "its config.json belongs to another model")
+    if (config.tie_embeddings and head is not None
+            and not torch.equal(head.to(torch.float32), out["transformer.wte.weight"])):
+        raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the token "
+                              "embedding; set tie_word_embeddings to false in config.json "
+                              "if the head is its own matrix")
     return out
 
 
@@ -201,7 +208,8 @@ def load_tokenizer(folder: Path) -> tuple[Tokenizer, Path | None]:
         )
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     try:
-        bpe = models.BPE.from_file(str(vocab), str(merges), dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        bpe = models.BPE.from_file(str(vocab), str(merges), dropout=None, continuing_subword_prefix="",
+                                   end_of_word_suffix="", fuse_unk=False)
     except Exception as exc:
         raise CheckpointError(f"{vocab} / {merges} are not a valid BPE vocabulary ({exc}); restore them") from exc
     tok = Tokenizer(bpe)

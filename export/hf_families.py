@@ -47,7 +47,8 @@ GPT2_WEIGHTS = WeightMap(
              "transformer.ln_f.weight": "ln_f.weight", "transformer.ln_f.bias": "ln_f.bias"},
     per_layer={name: (name,) for name in (
         "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-        "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")},
+        "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+        "mlp.c_proj.bias")},
     transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
     ignored=(".attn.bias", ".attn.masked_bias"),  # causal-mask buffers older transformers saved
 )
@@ -154,7 +155,8 @@ def llama_config(hf: dict[str, Any], where: Path, *, qkv_bias: bool | None = Non
                  window_flag: bool = False) -> dict[str, Any]:
     """The Llama-style mapping; qkv_bias None: from attention_bias (which then also covers o_proj)."""
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported; gptedge's SwiGLU uses silu")
+        raise CheckpointError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported; "
+                              "gptedge's SwiGLU uses silu")
     if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported; "
                               "gptedge rotates whole heads")

@@ -53,7 +53,8 @@ def session(onnx_path, threads: int | None = None):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def make_prompts(vocab_size: int, context: int, steps: int, token_ids: list[int] | None = None, seed: int = 0) -> tuple[list[list[int]], int]:
+def make_prompts(vocab_size: int, context: int, steps: int, token_ids: list[int] | None = None,
+                 seed: int = 0) -> tuple[list[list[int]], int]:
     """Two prompts of different lengths that, followed by `steps` generated tokens, fit the context."""
     long_len = max(2, min(9, context - steps))
     steps = max(0, min(steps, context - long_len))
@@ -84,7 +85,8 @@ def reference_logits(model: GPT, sequences: list[list[int]]) -> list[np.ndarray]
     return [model(torch.tensor([seq]))[0][0].numpy().astype(np.float32) for seq in sequences]
 
 
-def compare(prompts: list[list[int]], ref: list[np.ndarray], rows: list[np.ndarray], chunk: np.ndarray, dtype: str) -> dict:
+def compare(prompts: list[list[int]], ref: list[np.ndarray], rows: list[np.ndarray], chunk: np.ndarray,
+            dtype: str) -> dict:
     """Measured differences and greedy agreement; `passed` says whether they are within tolerance."""
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
     tol = FP32_TOL if dtype == "fp32" else FP16_REL_TOL * scale
@@ -130,7 +132,8 @@ def compare(prompts: list[list[int]], ref: list[np.ndarray], rows: list[np.ndarr
     }
 
 
-def verify(model: GPT, onnx_path, spec: BundleSpec, *, steps: int = DEFAULT_STEPS, token_ids: list[int] | None = None) -> dict:
+def verify(model: GPT, onnx_path, spec: BundleSpec, *, steps: int = DEFAULT_STEPS,
+           token_ids: list[int] | None = None) -> dict:
     """Run the schedule through ONNX Runtime and PyTorch; raise ExportError when they disagree."""
     from gptedge.runtime.engine import Engine
 
@@ -138,15 +141,18 @@ def verify(model: GPT, onnx_path, spec: BundleSpec, *, steps: int = DEFAULT_STEP
     try:
         engine = Engine(session(onnx_path), spec)
         streams, rows = greedy_decode(engine, prompts, steps, keep_logits=True)
-        chunk = run_chunk(engine, prompts[0], streams[0][:CHUNK]) if len(streams[0]) >= 1 else np.zeros((0, 1), np.float32)
+        chunk = (run_chunk(engine, prompts[0], streams[0][:CHUNK]) if len(streams[0]) >= 1
+                 else np.zeros((0, 1), np.float32))
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
-        raise ExportError(f"the exported graph failed to run in ONNX Runtime ({type(exc).__name__}: {exc}); nothing was written") from exc
+        raise ExportError(f"the exported graph failed to run in ONNX Runtime ({type(exc).__name__}: {exc}); "
+                          "nothing was written") from exc
     ref = reference_logits(model, [p + s for p, s in zip(prompts, streams)])
     result = compare(prompts, ref, rows, chunk, spec.dtype)
     if not result.pop("passed"):
         raise ExportError(
-            f"verification failed: ONNX Runtime and PyTorch disagree (max |diff| prefill {result['max_abs_diff_prefill']:.3g}, "
-            f"decode {result['max_abs_diff_decode']:.3g}, tolerance {result['tolerance']:.3g}; greedy agreement "
-            f"{result['greedy_agreement']:.0%}); nothing was written. Report this with the source model's config"
+            "verification failed: ONNX Runtime and PyTorch disagree (max |diff| prefill "
+            f"{result['max_abs_diff_prefill']:.3g}, decode {result['max_abs_diff_decode']:.3g}, tolerance "
+            f"{result['tolerance']:.3g}; greedy agreement {result['greedy_agreement']:.0%}); "
+            "nothing was written. Report this with the source model's config"
         )
     return result

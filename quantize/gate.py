@@ -99,12 +99,14 @@ class QualityReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("float_ppl", "quantized_ppl", "ppl_increase_pct", "top1_agreement", "greedy_agreement", "greedy_prefix"):
+        for k in ("float_ppl", "quantized_ppl", "ppl_increase_pct", "top1_agreement", "greedy_agreement",
+                  "greedy_prefix"):
             d[k] = round(d[k], 6)
         return d
 
 
-def compare(reference: Measurement, candidate: Measurement, data: EvalSet, max_ppl_increase_pct: float) -> QualityReport:
+def compare(reference: Measurement, candidate: Measurement, data: EvalSet,
+            max_ppl_increase_pct: float) -> QualityReport:
     f, q = reference.ppl, candidate.ppl
     rise = 100.0 * (q / f - 1.0)
     free = ev.greedy_agreement(reference.greedy, candidate.greedy)
@@ -146,7 +148,7 @@ def format_table(float_label: str, float_ppl: float, float_bytes: int,
     notes = []
     if first is not None:
         notes.append(f"held-out text: {first.eval_tokens:,} tokens scored. greedy: {first.greedy_prompts} prompts x "
-                     f"{first.greedy_tokens} tokens of the {float_label.split()[0]} model's greedy output, share of its tokens the "
-                     f"candidate also picks (in brackets: identical prefix of free-running output). "
+                     f"{first.greedy_tokens} tokens of the {float_label.split()[0]} model's greedy output, share of "
+                     "its tokens the candidate also picks (in brackets: identical prefix of free-running output). "
                      f"gate: perplexity may rise at most {first.max_ppl_increase_pct:g}%")
     return "\n".join([fmt(header), rule, *map(fmt, lines), *notes])

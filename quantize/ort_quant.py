@@ -55,7 +55,11 @@ def quantize_static_int8(model_path: Path, out_path: Path, roles: GraphRoles, fe
     Calibration runs on the CPU provider: the only one the static recipe targets (runtime/traits.py).
     """
     from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
     )
 
     class Reader(CalibrationDataReader):

@@ -32,7 +32,13 @@ from gptedge.errors import OutputExistsError, QuantizeError
 from gptedge.quantize import gate
 from gptedge.quantize.build import build_quantized_model
 from gptedge.quantize.recipes import (
-    METHODS, Method, check_block_size, default_block_size, get_method, head_bits, runnable_methods,
+    METHODS,
+    Method,
+    check_block_size,
+    default_block_size,
+    get_method,
+    head_bits,
+    runnable_methods,
 )
 from gptedge.quantize.texts import MIN_EVAL_TOKENS, TextInput, Texts, load_texts, read_text
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, read_spec, write_spec

@@ -31,8 +31,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gptedge.runtime.bundle import BundleSpec, read_spec
-    from gptedge.runtime.engine import Engine
     from gptedge.runtime.decoding import CancelToken, GenerationResult, Timings
+    from gptedge.runtime.engine import Engine
     from gptedge.runtime.model import Model, Stream
     from gptedge.runtime.providers import choose_provider
     from gptedge.runtime.sampling import SamplingParams

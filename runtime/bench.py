@@ -33,7 +33,8 @@ def run_bench(bundle: Path, provider: str, threads: int | None, prompt_tokens: i
     reload_s = time.perf_counter() - start
     context = model.context_length
     if prompt_tokens + new_tokens > context:
-        raise UsageError(f"--prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed the context ({context})")
+        raise UsageError(f"--prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) "
+                         f"exceed the context ({context})")
     late = min(900, context - new_tokens) if late_position is None else late_position
     if late + new_tokens > context or late < 1:
         raise UsageError(f"--late-position {late} + --new-tokens {new_tokens} must fit in the context ({context})")
@@ -43,7 +44,8 @@ def run_bench(bundle: Path, provider: str, threads: int | None, prompt_tokens: i
     short = [model.generate(ids[:prompt_tokens], **greedy).timings for _ in range(runs)]
     result: dict[str, Any] = {
         "bundle": str(bundle), "provider": model.provider, "threads": threads or "physical cores",
-        "load_s": load_s, "graph_cache": cache_first, "reload_s": reload_s, "reload_graph_cache": model.session_info.cache,
+        "load_s": load_s, "graph_cache": cache_first, "reload_s": reload_s,
+        "reload_graph_cache": model.session_info.cache,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,
         "ttft_ms": statistics.median(t.ttft_s for t in short) * 1000,
         "prefill_tokens_per_s": statistics.median(t.prefill_tokens_per_s for t in short),
@@ -64,7 +66,8 @@ def format_bench(r: dict[str, Any]) -> str:
         ("load (again)", f"{r['reload_s']:.3f} s (graph cache {r['reload_graph_cache']})"),
         (f"time to first token, {r['prompt_tokens']}-token prompt", f"{r['ttft_ms']:.1f} ms"),
         ("prefill", f"{r['prefill_tokens_per_s']:.0f} tokens/s"),
-        (f"decode at position {r['prompt_tokens']}, {r['new_tokens']} tokens", f"{r['decode_tokens_per_s']:.1f} tokens/s"),
+        (f"decode at position {r['prompt_tokens']}, {r['new_tokens']} tokens",
+         f"{r['decode_tokens_per_s']:.1f} tokens/s"),
     ]
     if r.get("late_position") is not None:
         rows.append((f"decode at position {r['late_position']}, {r['new_tokens']} tokens",

@@ -56,7 +56,8 @@ class Architecture:
     n_embd: int
     vocab_size: int
     context_length: int  # positions the model was trained for; the KV capacity ceiling
-    # The model-space point as the exporter saw it (positions, rope, norm, mlp, ...): shown by `info`, never read to run.
+    # The model-space point as the exporter saw it (positions, rope, norm, mlp, ...):
+    # shown by `info`, never read to run.
     details: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -65,9 +66,11 @@ class Architecture:
             if f.name in ("family", "details"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAX_DIM:
-                raise BundleError(f"{SPEC_NAME}: architecture.{f.name}={value!r} is not a plausible size; the bundle is corrupt, re-export it")
+                raise BundleError(f"{SPEC_NAME}: architecture.{f.name}={value!r} is not a plausible size; "
+                                  "the bundle is corrupt, re-export it")
         if not isinstance(self.family, str) or not isinstance(self.details, dict):
-            raise BundleError(f"{SPEC_NAME}: architecture.family must be text and details an object; the bundle is corrupt, re-export it")
+            raise BundleError(f"{SPEC_NAME}: architecture.family must be text and details an object; "
+                              "the bundle is corrupt, re-export it")
         if self.n_head % self.n_kv_head:
             raise BundleError(f"{SPEC_NAME}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}; "
                               "the bundle is corrupt, re-export it")
@@ -129,10 +132,12 @@ class BundleSpec:
             arch = Architecture(**data["architecture"])
             io = IOSpec(**data.get("io", {}))
             kv = KVCacheSpec(**data.get("kv_cache", {}))
-            rest = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in ("architecture", "io", "kv_cache")}
+            rest = {f.name: data[f.name]
+                    for f in fields(cls) if f.name in data and f.name not in ("architecture", "io", "kv_cache")}
             spec = cls(architecture=arch, io=io, kv_cache=kv, **rest)
         except (KeyError, TypeError) as exc:
-            raise BundleError(f"{SPEC_NAME} is missing or has unexpected fields ({exc}); re-export the bundle with this gptedge version") from exc
+            raise BundleError(f"{SPEC_NAME} is missing or has unexpected fields ({exc}); "
+                              "re-export the bundle with this gptedge version") from exc
         spec.validate()
         return spec
 
@@ -145,7 +150,8 @@ class BundleSpec:
         if self.kv_cache.update not in KV_UPDATES:
             raise BundleError(f"{SPEC_NAME}: kv_cache.update {self.kv_cache.update!r} is not one of {KV_UPDATES}")
         if self.kv_cache.dtype not in DTYPES:
-            raise BundleError(f"{SPEC_NAME}: kv_cache.dtype {self.kv_cache.dtype!r} is not one of {DTYPES}; the bundle is corrupt, re-export it")
+            raise BundleError(f"{SPEC_NAME}: kv_cache.dtype {self.kv_cache.dtype!r} is not one of {DTYPES}; "
+                              "the bundle is corrupt, re-export it")
         self._validate_fields()
 
     def _validate_fields(self) -> None:
@@ -157,14 +163,16 @@ class BundleSpec:
             if ok and isinstance(name, str) and "{" in name:
                 ok = f.name.startswith(("past_", "present_")) and name.replace("{layer}", "").count("{") == 0
             if not ok:
-                raise BundleError(f"{SPEC_NAME}: io.{f.name}={name!r} is not a graph name (templates may only use {{layer}}); re-export the bundle")
+                raise BundleError(f"{SPEC_NAME}: io.{f.name}={name!r} is not a graph name (templates may only use "
+                                  "{layer}); re-export the bundle")
         for name in ("special_tokens", "generation_defaults", "verification", "provenance", "files"):
             if not isinstance(getattr(self, name), dict):
                 raise BundleError(f"{SPEC_NAME}: {name} must be a JSON object; the bundle is corrupt, re-export it")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise BundleError(f"{SPEC_NAME}: chat_template must be text or null; the bundle is corrupt, re-export it")
         if self.quantization is not None and not isinstance(self.quantization, dict):
-            raise BundleError(f"{SPEC_NAME}: quantization must be a JSON object or null; the bundle is corrupt, re-export it")
+            raise BundleError(f"{SPEC_NAME}: quantization must be a JSON object or null; "
+                              "the bundle is corrupt, re-export it")
         vocab = self.architecture.vocab_size
         for key, value in self.special_tokens.items():
             values = value if key == "stop_ids" and isinstance(value, list) else [value]
@@ -178,10 +186,12 @@ class BundleSpec:
         try:
             SamplingParams(**{k: v for k, v in self.generation_defaults.items() if k in known and v is not None})
         except UsageError as exc:
-            raise BundleError(f"{SPEC_NAME}: generation_defaults are invalid ({exc}); fix or remove them, or re-export the bundle") from exc
+            raise BundleError(f"{SPEC_NAME}: generation_defaults are invalid ({exc}); fix or remove them, "
+                              "or re-export the bundle") from exc
 
 
-def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list], position_tables: list[list[int]]) -> None:
+def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list],
+                position_tables: list[list[int]]) -> None:
     """Refuse a gptedge.json whose sizes or names disagree with the graph it describes.
 
     gptedge.json holds the checksums, so nothing checks it but this: without it, a hand-edited
@@ -198,12 +208,14 @@ def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, li
         layers += 1
     if layers != a.n_layer:
         problems.append(f"n_layer={a.n_layer} but the graph has {layers} layers of {io.past_key!r} inputs")
-    for name in (io.input_ids, io.position_ids, io.seqlens_k, io.total_sequence_length, io.attention_mask, io.logits_index):
+    for name in (io.input_ids, io.position_ids, io.seqlens_k, io.total_sequence_length, io.attention_mask,
+                 io.logits_index):
         if name and name not in inputs:
             problems.append(f"no graph input {name!r}")
     if layers:
         kv = inputs.get(io.past_key.format(layer=0), [])
-        if len(kv) == 4 and (kv[1], kv[3]) != (a.n_kv_head, a.head_dim) and all(isinstance(d, int) for d in (kv[1], kv[3])):
+        if (len(kv) == 4 and (kv[1], kv[3]) != (a.n_kv_head, a.head_dim)
+                and all(isinstance(d, int) for d in (kv[1], kv[3]))):
             problems.append(f"n_kv_head={a.n_kv_head}, head_dim={a.head_dim} but the KV inputs are {kv}")
     logits = outputs.get(io.logits)
     if logits is None:
@@ -214,7 +226,8 @@ def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, li
         if table and a.context_length > table[0]:
             problems.append(f"context_length={a.context_length} but a position table has {table[0]} rows")
     if problems:
-        raise BundleError(f"{SPEC_NAME} does not match model.onnx ({'; '.join(problems)}); the bundle is corrupt or mixed up, re-export it")
+        raise BundleError(f"{SPEC_NAME} does not match model.onnx ({'; '.join(problems)}); "
+                          "the bundle is corrupt or mixed up, re-export it")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -245,7 +258,8 @@ def _inside(folder: Path, relative: str) -> Path:
     """Resolve `relative` under `folder`, refusing anything that escapes it (.., absolute paths, links out)."""
     candidate = (folder / relative).resolve()
     if Path(relative).is_absolute() or not candidate.is_relative_to(folder.resolve()):
-        raise BundleError(f"bundle file {relative!r} points outside the bundle folder {folder}; refusing to load an unsafe bundle")
+        raise BundleError(f"bundle file {relative!r} points outside the bundle folder {folder}; "
+                          "refusing to load an unsafe bundle")
     return candidate
 
 
@@ -253,7 +267,8 @@ def read_spec(folder: str | os.PathLike[str], verify_checksums: bool = True) -> 
     """Read and check gptedge.json: known format version, plausible sizes, files present and unmodified."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise BundleError(f"{folder} is not a bundle folder (it does not exist or is a file); pass the folder that `gptedge export` wrote")
+        raise BundleError(f"{folder} is not a bundle folder (it does not exist or is a file); "
+                          "pass the folder that `gptedge export` wrote")
     spec_path = folder / SPEC_NAME
     if not spec_path.is_file():
         raise BundleError(f"{folder} has no {SPEC_NAME}; it is not a gptedge bundle (export one with `gptedge export`)")
@@ -266,8 +281,8 @@ def read_spec(folder: str | os.PathLike[str], verify_checksums: bool = True) -> 
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"{folder}: bundle format version {version!r} is not supported by this gptedge (it reads version {FORMAT_VERSION}); "
-            "re-export the bundle or upgrade gptedge"
+            f"{folder}: bundle format version {version!r} is not supported by this gptedge (it reads version "
+            f"{FORMAT_VERSION}); re-export the bundle or upgrade gptedge"
         )
     spec = BundleSpec.from_dict(data)
     for name in (MODEL_NAME, TOKENIZER_NAME):
@@ -278,5 +293,6 @@ def read_spec(folder: str | os.PathLike[str], verify_checksums: bool = True) -> 
         if not path.is_file():
             raise BundleError(f"bundle file {relative} is missing from {folder}; copy the whole bundle folder")
         if verify_checksums and sha256_file(path) != expected:
-            raise BundleError(f"bundle file {relative} does not match its sha256 in {SPEC_NAME}: it was modified or corrupted; re-export or re-copy the bundle")
+            raise BundleError(f"bundle file {relative} does not match its sha256 in {SPEC_NAME}: "
+                              "it was modified or corrupted; re-export or re-copy the bundle")
     return spec

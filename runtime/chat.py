@@ -54,7 +54,8 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(f"the chat template refused this conversation: {message}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -75,21 +76,23 @@ class ChatTemplate:
         try:
             self._template = env.from_string(self.source)
         except jinja2.TemplateError as exc:
-            raise UsageError(f"the bundle's chat template is not valid Jinja ({exc}); re-export it or pass another") from None
+            raise UsageError(f"the bundle's chat template is not valid Jinja ({exc}); "
+                             "re-export it or pass another") from None
         self._errors = (jinja2.TemplateError,)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text for `messages` ([{"role", "content"}]), ending with the assistant's cue."""
         check_messages(messages)
         try:
-            return self._template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                                         **{**self.special, **extra})
+            return self._template.render(messages=[dict(m) for m in messages],
+                                         add_generation_prompt=add_generation_prompt, **{**self.special, **extra})
         except ChatTemplateError:
             raise
         except self._errors as exc:
             raise ChatTemplateError(f"the chat template failed on this conversation: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a template reading a field the messages lack
-            raise ChatTemplateError(f"the chat template failed on this conversation ({type(exc).__name__}: {exc})") from None
+            raise ChatTemplateError("the chat template failed on this conversation "
+                                    f"({type(exc).__name__}: {exc})") from None
 
 
 def check_messages(messages: Any) -> None:
@@ -113,7 +116,8 @@ def template_for(model, source: str | None = None) -> ChatTemplate:
     return ChatTemplate(text, special, DEFAULT_STOP_STRINGS if text == DEFAULT_TEMPLATE else ())
 
 
-def fit_messages(model, template: ChatTemplate, messages: Sequence[Mapping[str, Any]], max_new_tokens: int) -> list[int]:
+def fit_messages(model, template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
+                 max_new_tokens: int) -> list[int]:
     """Token ids of the conversation's rendering that fit the context with room for `max_new_tokens`.
 
     System messages stay; the oldest other messages go first. If the latest message alone is too
@@ -121,7 +125,8 @@ def fit_messages(model, template: ChatTemplate, messages: Sequence[Mapping[str, 
     """
     budget = model.context_length - max_new_tokens
     if budget < 1:
-        raise UsageError(f"max_new_tokens must be below the context ({model.context_length}) to leave room for the conversation")
+        raise UsageError(f"max_new_tokens must be below the context ({model.context_length}) "
+                         "to leave room for the conversation")
     system = [m for m in messages if m.get("role") == "system"]
     rest = [m for m in messages if m.get("role") != "system"]
     while True:

@@ -21,51 +21,76 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "pr
 
 # -- arguments -----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("bundle", type=Path, help="bundle folder written by `gptedge export` / `gptedge quantize` (or an Optimum decoder folder)")
+    parser.add_argument("bundle", type=Path,
+                        help="bundle folder written by `gptedge export` / `gptedge quantize` "
+                             "(or an Optimum decoder folder)")
     if command in ("generate", "next"):
-        parser.add_argument("prompt", help="prompt text (\\n and \\t mean a newline and a tab, as in --stop); '-' reads it from standard input as it is")
+        parser.add_argument("prompt",
+                            help="prompt text (\\n and \\t mean a newline and a tab, as in --stop); "
+                                 "'-' reads it from standard input as it is")
     if command == "eval":
         parser.add_argument("file", type=Path, help="UTF-8 text file to measure perplexity on")
-        parser.add_argument("--window", type=int, default=None, help="tokens of context per window (default: the model's context)")
-        parser.add_argument("--stride", type=int, default=None, help="how far the sliding window advances (default: window/2)")
+        parser.add_argument("--window", type=int, default=None,
+                            help="tokens of context per window (default: the model's context)")
+        parser.add_argument("--stride", type=int, default=None,
+                            help="how far the sliding window advances (default: window/2)")
     if command == "next":
         parser.add_argument("--top", type=int, default=10, help="how many candidate tokens to list")
     if command in ("generate", "chat"):
         _add_sampling(parser)
     if command == "generate":
-        parser.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr afterwards")
+        parser.add_argument("--stats", action="store_true",
+                            help="print time to first token and decode tokens/s to stderr afterwards")
         parser.add_argument("--truncate-left", action="store_true",
-                            help="when prompt + max-new-tokens exceed the context, keep the most recent prompt tokens instead of failing")
+                            help="when prompt + max-new-tokens exceed the context, "
+                                 "keep the most recent prompt tokens instead of failing")
     if command == "chat":
-        parser.add_argument("--system", default="", help="text placed before the conversation (kept when history is truncated)")
+        parser.add_argument("--system", default="",
+                            help="text placed before the conversation (kept when history is truncated)")
         parser.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
-                            help="Jinja chat template to use instead of the bundle's (default: the bundle's, else a User:/Assistant: transcript)")
+                            help="Jinja chat template to use instead of the bundle's (default: the bundle's, "
+                                 "else a User:/Assistant: transcript)")
     if command == "info":
-        parser.add_argument("--json", action="store_true", help="print gptedge.json (with file sizes) as JSON instead of a summary")
+        parser.add_argument("--json", action="store_true",
+                            help="print gptedge.json (with file sizes) as JSON instead of a summary")
         parser.add_argument("--no-verify", action="store_true", help="skip re-computing the files' sha256 checksums")
     if command == "bench":
-        parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length N for the time-to-first-token measurement")
+        parser.add_argument("--prompt-tokens", type=int, default=128,
+                            help="prompt length N for the time-to-first-token measurement")
         parser.add_argument("--new-tokens", type=int, default=128, help="tokens M decoded per decode measurement")
         parser.add_argument("--late-position", type=int, default=None,
-                            help="position where the late decode measurement starts (default: min(900, context - new-tokens))")
+                            help="position where the late decode measurement starts "
+                                 "(default: min(900, context - new-tokens))")
         parser.add_argument("--runs", type=int, default=3, help="repetitions per measurement; the median is reported")
-        parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to this JSON file")
+        parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                            help="also write the results to this JSON file")
     if command != "info":
-        parser.add_argument("--provider", default="auto", help="execution provider: auto, cpu, cuda or dml (unavailable ones fall back to CPU with a warning)")
-        parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: physical cores)")
+        parser.add_argument("--provider", default="auto",
+                            help="execution provider: auto, cpu, cuda or dml "
+                                 "(unavailable ones fall back to CPU with a warning)")
+        parser.add_argument("--threads", type=int, default=None,
+                            help="CPU threads per operator (default: physical cores)")
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling (defaults: the bundle's generation defaults, else the library's)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; < 1 sharper, > 1 more random (library default 1.0)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; < 1 sharper, > 1 more random (library default 1.0)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this total probability, in (0, 1]")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top token's probability, in [0, 1)")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 makes tokens already seen less likely (1 = off)")
-    g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every seen token's logit (0 = off)")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a seen token (0 = off)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: smallest set with this total probability, in (0, 1]")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below min-p x the top token's probability, in [0, 1)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already seen less likely (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtracted once from every seen token's logit (0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtracted per occurrence of a seen token (0 = off)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (library default 128)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the output contains TEXT (repeatable; not printed; \\n and \\t mean a newline and a tab)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable; not printed; "
+                        "\\n and \\t mean a newline and a tab)")
     g.add_argument("--seed", type=int, default=None, help="random seed; the same seed repeats the same output")
 
 
@@ -168,8 +193,8 @@ def _chat(args: argparse.Namespace) -> int:
     kwargs["stop_strings"] = tuple(kwargs.get("stop_strings", ())) + template.stop_strings
     params = model.sampling_params(**kwargs)
     if params.max_new_tokens >= model.context_length:
-        raise UsageError(f"--max-new-tokens ({params.max_new_tokens}) must be below the context ({model.context_length}) "
-                         "to leave room for the conversation")
+        raise UsageError(f"--max-new-tokens ({params.max_new_tokens}) must be below the context "
+                         f"({model.context_length}) to leave room for the conversation")
     messages: list[dict[str, str]] = [{"role": "system", "content": _unescape(args.system)}] if args.system else []
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits",
@@ -232,7 +257,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = _load(args)
     ids = model.encode(text)
     result = perplexity(model.engine, ids, window=args.window, stride=args.stride)
-    print(f"perplexity {result.ppl:.4f} | nll {result.nll:.4f} nats/token | {result.tokens} tokens scored | {args.file}")
+    print(f"perplexity {result.ppl:.4f} | nll {result.nll:.4f} nats/token | {result.tokens} tokens scored | "
+          f"{args.file}")
     return 0
 
 
@@ -272,7 +298,8 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
         lines.insert(1, f"model         {_model_line(a.details)}")
     if spec.chat_template:
         lines.insert(-1, f"chat template {len(spec.chat_template)} characters (Jinja)")
-    for title, data in (("quantization", spec.quantization), ("verification", spec.verification), ("provenance", spec.provenance)):
+    for title, data in (("quantization", spec.quantization), ("verification", spec.verification),
+                        ("provenance", spec.provenance)):
         lines.append(f"{title:<13} {'' if data else 'none'}".rstrip())
         lines += [f"  {key:<28} {value}" for key, value in _flat(data or {})]
     lines.append("files")
@@ -282,7 +309,8 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
 
 
 def _model_line(d: dict[str, Any]) -> str:
-    """'rope (theta 500000, llama3 x8), rmsnorm, swiglu 1536, tied head, q/k norm': the model-space point in one line."""
+    """'rope (theta 500000, llama3 x8), rmsnorm, swiglu 1536, tied head, q/k norm':
+    the model-space point in one line."""
     if d.get("positions") == "rope":
         scaling = d.get("rope_scaling") or {}
         extra = f", {scaling['type']}" + (f" x{scaling['factor']:g}" if "factor" in scaling else "") if scaling else ""
@@ -305,7 +333,8 @@ def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()) and key.endswith("op_types"):
+        if (isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values())
+                and key.endswith("op_types")):
             rows.append((name, ", ".join(f"{k} {v}" for k, v in sorted(value.items(), key=lambda kv: -kv[1]))))
         elif isinstance(value, dict):
             rows += _flat(value, name)
@@ -331,8 +360,9 @@ def _info_optimum(folder: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"kind": "optimum", "config": config, "file_sizes": sizes}, indent=2))
         return 0
-    print(f"Hugging Face Optimum decoder export ({arch.family}): {arch.n_layer} layers, {arch.n_head} heads x {arch.head_dim}, "
-          f"n_embd {arch.n_embd}, vocab {arch.vocab_size}, context {arch.context_length}; kv cache concat (a copy per step)")
+    print(f"Hugging Face Optimum decoder export ({arch.family}): {arch.n_layer} layers, {arch.n_head} heads x "
+          f"{arch.head_dim}, n_embd {arch.n_embd}, vocab {arch.vocab_size}, context {arch.context_length}; "
+          "kv cache concat (a copy per step)")
     for name, n in sizes.items():
         print(f"  {name:<24} {_size(n):>10}")
     return 0
@@ -347,7 +377,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.json is not None and not args.json.parent.resolve().is_dir():
         raise UsageError(f"--json {args.json}: the folder {args.json.parent} does not exist; choose a writable path")
-    results = run_bench(args.bundle, args.provider, args.threads, args.prompt_tokens, args.new_tokens, args.late_position, args.runs)
+    results = run_bench(args.bundle, args.provider, args.threads, args.prompt_tokens, args.new_tokens,
+                        args.late_position, args.runs)
     print(format_bench(results))
     if args.json is not None:
         from gptedge.atomic import atomic_write_bytes

@@ -64,7 +64,8 @@ def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
 class Engine:
     """Runs an exported GPT graph one step at a time; thread-safe, one KV cache per generation."""
 
-    def __init__(self, session: ort.InferenceSession, spec: BundleSpec, device: str = "cpu", serialize_runs: bool = False) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: BundleSpec, device: str = "cpu",
+                 serialize_runs: bool = False) -> None:
         self.session = session
         self.spec = spec
         self.arch = spec.architecture
@@ -104,12 +105,14 @@ class Engine:
 
     def _allocate_inplace(self, batch: int, capacity: int) -> KVCache:
         shape = [batch, self.arch.n_kv_head, capacity, self.arch.head_dim]
-        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                  for _ in self.past_names]
         binding = self.session.io_binding()
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # same memory: the step writes in place
-        return KVCache(batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64), values=values, binding=binding)
+        return KVCache(batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64), values=values,
+                       binding=binding)
 
     @property
     def shares_host_rows(self) -> bool:
@@ -176,9 +179,11 @@ class Engine:
         if lengths.min() < 1 or lengths.max() > S:
             raise UsageError("each row needs between 1 and S new tokens")
         if self.inplace and int((cache.lengths + S).max()) > cache.capacity:
-            raise ContextLengthError(f"the KV cache holds {cache.capacity} positions and this step needs {int((cache.lengths + S).max())}")
+            raise ContextLengthError(f"the KV cache holds {cache.capacity} positions and this step needs "
+                                     f"{int((cache.lengths + S).max())}")
         if int((cache.lengths + lengths).max()) > self.arch.context_length:
-            raise ContextLengthError(f"the sequence would exceed the model's context of {self.arch.context_length} positions")
+            raise ContextLengthError("the sequence would exceed the model's context of "
+                                     f"{self.arch.context_length} positions")
         if logits_index is None:
             logits_index = (lengths - 1).reshape(B, 1)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)

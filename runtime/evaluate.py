@@ -92,7 +92,8 @@ def score_tokens(
     if len(ids) < 2:
         raise UsageError("perplexity needs at least 2 tokens of text")
     if ids.min() < 0 or ids.max() >= engine.arch.vocab_size:
-        raise UsageError(f"token ids must lie in [0, {engine.arch.vocab_size}); the text was encoded with another tokenizer")
+        raise UsageError(f"token ids must lie in [0, {engine.arch.vocab_size}); "
+                         "the text was encoded with another tokenizer")
     nll = np.zeros(len(ids) - 1, np.float64)
     top1 = np.zeros(len(ids) - 1, np.int64)
     chunk = max(16, _LOGITS_BYTES // (4 * engine.arch.vocab_size))
@@ -225,4 +226,5 @@ def greedy_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Seq
         firsts.append(first)
         prefix.append(first / len(ref))
         positionwise.append(float(same.mean()))
-    return GreedyAgreement(prefix=float(np.mean(prefix)), positionwise=float(np.mean(positionwise)), first_divergence=firsts)
+    return GreedyAgreement(prefix=float(np.mean(prefix)), positionwise=float(np.mean(positionwise)),
+                           first_divergence=firsts)

@@ -104,7 +104,8 @@ def generate_rows(engine: Engine, seqs: Sequence[Decoding], *, cancel=None, pad_
     B = len(seqs)
     needed = max(s.positions_needed for s in seqs)
     if needed > engine.arch.context_length:
-        raise ContextLengthError(f"a batch row needs {needed} positions, more than the context of {engine.arch.context_length}")
+        raise ContextLengthError(f"a batch row needs {needed} positions, "
+                                 f"more than the context of {engine.arch.context_length}")
     ids, lengths = right_pad([s.prompt_ids for s in seqs], pad_id)
     cache = engine.new_cache(B, kv_capacity(needed, engine.arch.context_length))
     try:
@@ -135,5 +136,6 @@ def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
         raise UsageError("the prompt is empty; pass some text or at least one token id")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise UsageError(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab_size}); use ids from its tokenizer")
+        raise UsageError(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab_size}); "
+                         "use ids from its tokenizer")
     return ids

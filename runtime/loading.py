@@ -28,7 +28,8 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on parse errors
         raise BundleError(f"{path} is not a valid tokenizer.json ({exc}); re-export the bundle") from exc
     if tok.get_vocab_size() > vocab_size:
-        log.info("tokenizer has %d entries, the model %d: ids above the model's vocabulary are refused", tok.get_vocab_size(), vocab_size)
+        log.info("tokenizer has %d entries, the model %d: ids above the model's vocabulary are refused",
+                 tok.get_vocab_size(), vocab_size)
     return tok
 
 
@@ -67,12 +68,14 @@ def _stats(folder: Path, spec: BundleSpec) -> dict[str, list[int]]:
 
 
 def make_engine(session: ort.InferenceSession, spec: BundleSpec, choice: ProviderChoice) -> Engine:
-    """The Engine for a session: KV on the provider's device (IO binding), runs serialized where the provider needs it."""
+    """The Engine for a session: KV on the provider's device (IO binding),
+    runs serialized where the provider needs it."""
     device = choice.device
     if device != "cpu":
         try:  # device OrtValues need an onnxruntime build that exposes the device (some DirectML builds do not)
             ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, device, 0)
         except Exception as exc:  # noqa: BLE001 - keep the KV on the host instead
-            log.warning("gptedge: cannot place the KV cache on the %s device (%s); keeping it in host memory", device, exc)
+            log.warning("gptedge: cannot place the KV cache on the %s device (%s); keeping it in host memory",
+                        device, exc)
             device = "cpu"
     return Engine(session, spec, device=device, serialize_runs=choice.serialize_runs)

@@ -24,11 +24,11 @@ from tokenizers import Tokenizer
 
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime import optimum
-from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph
-from gptedge.runtime.engine import Engine
 from gptedge.runtime.decoding import Decoding, GenerationResult
+from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
+from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
 from gptedge.runtime.onnx_scan import scan_graph
 from gptedge.runtime.providers import PROVIDERS, SessionInfo, cache_key, choose_provider, create_session
 from gptedge.runtime.sampling import SamplingParams, softmax
@@ -73,7 +73,8 @@ class Stream:
 class Model:
     """A loaded bundle (or Optimum decoder folder) and everything needed to run it."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, spec: BundleSpec, folder: Path, info: SessionInfo, load_s: float) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, spec: BundleSpec, folder: Path, info: SessionInfo,
+                 load_s: float) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.spec = spec
@@ -91,7 +92,8 @@ class Model:
         verify: bool = True,
         cache: bool = True,
     ) -> "Model":
-        """Load a bundle folder written by `gptedge export` / `gptedge quantize`, or a Hugging Face Optimum decoder folder.
+        """Load a bundle folder written by `gptedge export` / `gptedge quantize`,
+        or a Hugging Face Optimum decoder folder.
 
         provider: "auto" (CUDA, then DirectML, then CPU, among those onnxruntime offers and that can run
           the bundle), "cpu", "cuda" or "dml". An unavailable provider, or one that cannot run the bundle,
@@ -120,8 +122,10 @@ class Model:
         choice = choose_provider(provider, spec)
         model_path = folder / MODEL_NAME
         scan = scan_graph(model_path)  # before onnxruntime reads a byte of it
-        # gptedge.json is not covered by its own checksums: its sizes must describe this graph before anything is sized by them.
-        check_graph(spec, scan.inputs, scan.outputs, scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [])
+        # gptedge.json is not covered by its own checksums:
+        # its sizes must describe this graph before anything is sized by them.
+        check_graph(spec, scan.inputs, scan.outputs,
+                    scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [])
         tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
         key = cache_key(spec, folder, choice.name) if cache else None
         session, info = create_session(model_path, choice, threads, key)
@@ -183,7 +187,8 @@ class Model:
         """
         unknown = sorted(set(overrides) - _PARAM_NAMES)
         if unknown:
-            raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_PARAM_NAMES))}")
+            raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(_PARAM_NAMES))}")
         if params is not None and not isinstance(params, SamplingParams):
             raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
         base: dict[str, Any] = {k: v for k, v in self.spec.generation_defaults.items() if k in _PARAM_NAMES}
@@ -194,7 +199,8 @@ class Model:
         base.update(overrides)
         return SamplingParams(**base)
 
-    def _plan(self, ids: list[int], params: SamplingParams, explicit_max: bool, truncate: str | None) -> tuple[list[int], SamplingParams, str]:
+    def _plan(self, ids: list[int], params: SamplingParams, explicit_max: bool,
+              truncate: str | None) -> tuple[list[int], SamplingParams, str]:
         """Fit prompt + max_new_tokens into the context: error, left-truncate, or (default budget) shorten."""
         if truncate not in TRUNCATE_MODES:
             raise UsageError(f"truncate must be None or 'left', got {truncate!r}")
@@ -203,7 +209,8 @@ class Model:
             return ids, params, "length"
         if truncate == "left":
             if m >= context:
-                raise ContextLengthError(f"max_new_tokens ({m}) must be below the context ({context}) to leave room for a prompt")
+                raise ContextLengthError(f"max_new_tokens ({m}) must be below the context ({context}) "
+                                         "to leave room for a prompt")
             return ids[n - (context - m):], params, "length"
         if not explicit_max and n < context:
             return ids, replace(params, max_new_tokens=context - n), "context"
@@ -321,5 +328,6 @@ class Model:
 
 def _check_cancel(cancel) -> None:
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
-        raise UsageError(f"cancel must be a CancelToken or threading.Event (anything with is_set()), got {type(cancel).__name__}")
+        raise UsageError("cancel must be a CancelToken or threading.Event (anything with is_set()), "
+                         f"got {type(cancel).__name__}")
 

@@ -13,7 +13,8 @@ the graph input `position_ids` (NodeProto: input 1, op_type 4).
 
 Only the fields that can hold tensors are followed:
 ModelProto.graph(7), .functions(25) -> GraphProto.node(1), .initializer(5), .sparse_initializer(15);
-NodeProto.attribute(5) -> AttributeProto.t(5), .g(6), .tensors(10), .graphs(11), .sparse_tensor(22), .sparse_tensors(23);
+NodeProto.attribute(5) -> AttributeProto.t(5), .g(6), .tensors(10), .graphs(11),
+.sparse_tensor(22), .sparse_tensors(23);
 FunctionProto.node(7); SparseTensorProto.values(1), .indices(2);
 TensorProto.dims(1), .data_type(2), .name(8), .raw_data(9), .external_data(13), .data_location(14).
 """
@@ -86,7 +87,8 @@ def _fields(buf: memoryview):
         elif wire == 5:
             value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
         else:
-            raise BundleError(f"model.onnx uses protobuf wire type {wire}, which ONNX never writes; it is not a valid model")
+            raise BundleError(f"model.onnx uses protobuf wire type {wire}, which ONNX never writes; "
+                              "it is not a valid model")
         if pos > end:
             raise BundleError("model.onnx is truncated or not an ONNX file; re-export or re-copy the bundle")
         yield number, wire, value
@@ -128,7 +130,8 @@ class GraphScan:
     gathers: list[tuple[str, str]] = field(default_factory=list)  # (table, indices) of top-level Gather nodes
 
     def gathered_by(self, indices: str) -> list[list[int]]:
-        """Dims of the initializers a top-level Gather indexes with `indices` (a position table has one row a position)."""
+        """Dims of the initializers a top-level Gather indexes with `indices`
+        (a position table has one row a position)."""
         dims = {t.name: t.dims for t in self.tensors}
         return [dims[table] for table, idx in self.gathers if idx == indices and table in dims]
 
@@ -205,7 +208,8 @@ def scan_model(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> 
 
 
 def scan_graph(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> GraphScan:
-    """Every tensor the model declares, its graph inputs / outputs and Gathers, after refusing unsafe or impossible ones.
+    """Every tensor the model declares, its graph inputs / outputs and Gathers,
+    after refusing unsafe or impossible ones.
 
     Refuses: external data outside the model's folder or missing; an external range past the end of
     its file; inline or external data whose size disagrees with the declared shape; any tensor whose
@@ -238,30 +242,37 @@ def scan_graph(model_path: str | os.PathLike[str], max_bytes: int = 1 << 40) -> 
 def _check_tensor(t: TensorInfo, folder: Path, max_bytes: int) -> None:
     label = t.name or "<unnamed>"
     if any(d < 0 for d in t.dims):
-        raise BundleError(f"model.onnx tensor {label} declares a negative dimension {t.dims}; refusing a corrupt or hostile model")
+        raise BundleError(f"model.onnx tensor {label} declares a negative dimension {t.dims}; "
+                          "refusing a corrupt or hostile model")
     expected = t.nbytes
     if expected is not None and expected > max_bytes:
-        raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} ({expected / 2**30:.0f} GiB); refusing to load it")
+        raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} ({expected / 2**30:.0f} GiB); "
+                          "refusing to load it")
     if t.raw_bytes and expected is not None and t.raw_bytes != expected:
-        raise BundleError(f"model.onnx tensor {label}: {t.raw_bytes} bytes stored for a declared {expected}; the model is corrupt")
+        raise BundleError(f"model.onnx tensor {label}: {t.raw_bytes} bytes stored for a declared {expected}; "
+                          "the model is corrupt")
     if not t.raw_bytes and not t.external and math.prod(t.dims) > 2 * t.encoded_bytes:
         # Typed inline data (float_data, int64_data...) takes at least half a byte per element (4-bit types).
-        raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} but stores {t.encoded_bytes} bytes inline; "
-                          "refusing a corrupt or hostile model")
+        raise BundleError(f"model.onnx tensor {label} declares shape {t.dims} but stores {t.encoded_bytes} bytes "
+                          "inline; refusing a corrupt or hostile model")
     if not t.external:
         return
     location = t.external.get("location", "")
     target = (folder / location).resolve()
     if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-        raise BundleError(f"model.onnx tensor {label} reads external data from {location!r}, outside the bundle folder; refusing an unsafe model")
+        raise BundleError(f"model.onnx tensor {label} reads external data from {location!r}, "
+                          "outside the bundle folder; refusing an unsafe model")
     if not target.is_file():
-        raise BundleError(f"model.onnx needs external data file {location!r}, which is missing; copy the whole bundle folder")
+        raise BundleError(f"model.onnx needs external data file {location!r}, which is missing; "
+                          "copy the whole bundle folder")
     try:
         offset = int(t.external.get("offset", "0") or 0)
         length = int(t.external["length"]) if t.external.get("length") else (expected or 0)
     except ValueError as exc:
         raise BundleError(f"model.onnx tensor {label} has a malformed external-data offset or length") from exc
     if expected is not None and length != expected:
-        raise BundleError(f"model.onnx tensor {label}: external length {length} disagrees with its declared shape {t.dims}; the model is corrupt")
+        raise BundleError(f"model.onnx tensor {label}: external length {length} disagrees with its declared shape "
+                          f"{t.dims}; the model is corrupt")
     if offset < 0 or offset + length > target.stat().st_size:
-        raise BundleError(f"model.onnx tensor {label} reads past the end of {location!r}; the external data file is truncated, re-copy the bundle")
+        raise BundleError(f"model.onnx tensor {label} reads past the end of {location!r}; "
+                          "the external data file is truncated, re-copy the bundle")

@@ -31,14 +31,16 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
 def is_optimum_folder(folder: Path) -> bool:
     """A folder with model.onnx + config.json and no gptedge.json."""
-    return folder.is_dir() and (folder / MODEL_NAME).is_file() and (folder / "config.json").is_file() and not (folder / SPEC_NAME).exists()
+    return (folder.is_dir() and (folder / MODEL_NAME).is_file() and (folder / "config.json").is_file()
+            and not (folder / SPEC_NAME).exists())
 
 
 def _config(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{folder / 'config.json'} is not readable JSON ({exc}); re-export the model with Optimum") from exc
+        raise BundleError(f"{folder / 'config.json'} is not readable JSON ({exc}); "
+                          "re-export the model with Optimum") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{folder / 'config.json'} does not hold a JSON object")
     return data
@@ -58,7 +60,8 @@ def architecture(config: dict[str, Any]) -> Architecture:
     n_embd = _first(config, "n_embd", "hidden_size")
     n_kv = config.get("num_key_value_heads") or n_head
     context = _first(config, "n_positions", "max_position_embeddings", "n_ctx")
-    head_dim = config.get("head_dim") or (n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else 0)
+    head_dim = config.get("head_dim") or (
+        n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else 0)
     arch = Architecture(str(config.get("model_type", "unknown")), n_layer, n_head, n_kv, head_dim, n_embd,
                         _first(config, "vocab_size"), context)
     arch.validate()
@@ -74,19 +77,22 @@ def spec_from_graph(config: dict[str, Any], inputs: dict[str, str], outputs: lis
             f"{MODEL_NAME} has no past_key_values.{{i}}.key/value inputs for all {arch.n_layer} layers; export it with "
             "Optimum's task text-generation-with-past"
         )
-    expected = {"input_ids", "attention_mask", "position_ids"} | {f"past_key_values.{i}.{kv}" for i in range(arch.n_layer) for kv in ("key", "value")}
+    expected = {"input_ids", "attention_mask", "position_ids"} | {
+        f"past_key_values.{i}.{kv}" for i in range(arch.n_layer) for kv in ("key", "value")}
     extra = sorted(set(inputs) - expected)
     if extra or "attention_mask" not in inputs or "logits" not in outputs:
         raise BundleError(
-            f"{MODEL_NAME} is not a plain Optimum decoder-with-past (unexpected inputs {extra}, or no attention_mask/logits); "
-            "export it with `optimum-cli export onnx --task text-generation-with-past` (no merged decoder)"
+            f"{MODEL_NAME} is not a plain Optimum decoder-with-past (unexpected inputs {extra}, or no "
+            "attention_mask/logits); export it with `optimum-cli export onnx --task text-generation-with-past` "
+            "(no merged decoder)"
         )
     kv_type = inputs["past_key_values.0.key"]
     if kv_type not in _KV_DTYPES:
         raise BundleError(f"{MODEL_NAME}'s KV inputs are {kv_type}; only float32 and float16 are supported")
     present_key = "present.{layer}.key" if "present.0.key" in outputs else None
     if present_key is None:
-        raise BundleError(f"{MODEL_NAME} returns no present.{{i}}.key/value outputs; export it with text-generation-with-past")
+        raise BundleError(f"{MODEL_NAME} returns no present.{{i}}.key/value outputs; "
+                          "export it with text-generation-with-past")
     io = IOSpec(
         input_ids="input_ids", position_ids="position_ids" if "position_ids" in inputs else "", seqlens_k=None,
         total_sequence_length=None, attention_mask="attention_mask", logits_index=None, logits="logits",
@@ -118,7 +124,8 @@ def load(folder: Path, provider: str, threads: int | None):
     provisional = spec_from_graph_names_only(config)
     choice = choose_provider(provider, provisional)
     session, info = create_session(model_path, choice, threads, key=None)
-    spec = spec_from_graph(config, {i.name: i.type for i in session.get_inputs()}, [o.name for o in session.get_outputs()])
+    spec = spec_from_graph(config, {i.name: i.type for i in session.get_inputs()},
+                           [o.name for o in session.get_outputs()])
     tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
     return make_engine(session, spec, info.choice), tokenizer, spec, info
 

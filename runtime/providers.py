@@ -99,7 +99,8 @@ def choose_provider(requested: str, spec: BundleSpec, available: list[str] | Non
     if why:
         return _fallback(f"provider {requested!r} cannot run this bundle: {why}; running on CPU")
     if requested == "cpu" and spec.dtype == "fp16":
-        _warn(f"this bundle is fp16 (built for {spec.target}); on CPU it runs slower than an fp32 export (--target cpu)")
+        _warn(f"this bundle is fp16 (built for {spec.target}); "
+              "on CPU it runs slower than an fp32 export (--target cpu)")
     return _choice(requested)
 
 
@@ -205,7 +206,8 @@ def prune_cache(folder: Path, limit: int, keep: Path | None = None) -> list[Path
 
 
 def cache_key(spec: BundleSpec, folder: Path, provider: str) -> str:
-    """Bundle checksums + the files' size/mtime (a bundle loaded with verify=False may differ) + ORT version + provider."""
+    """Bundle checksums + the files' size/mtime (a bundle loaded with verify=False may differ)
+    + ORT version + provider."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|ort {ort.__version__}|{provider}|extended|".encode())
     for relative, digest in sorted(spec.files.items()):
@@ -222,11 +224,12 @@ class SessionInfo:
     model_path: Path  # the file the session was built from
 
 
-def create_session(model_path: Path, choice: ProviderChoice, threads: int | None, key: str | None) -> tuple[ort.InferenceSession, SessionInfo]:
+def create_session(model_path: Path, choice: ProviderChoice, threads: int | None,
+                   key: str | None) -> tuple[ort.InferenceSession, SessionInfo]:
     """Build the session, reading or filling the optimized-graph cache when `key` is given.
 
-    Providers whose optimized graphs cannot be saved (DirectML's fused nodes) are not cached. A cache problem costs speed only:
-    the session is then built from the bundle directly.
+    Providers whose optimized graphs cannot be saved (DirectML's fused nodes) are not cached.
+    A cache problem costs speed only: the session is then built from the bundle directly.
     """
     session_options(choice, threads)  # a bad argument fails here, before the cache is read (or dropped as "broken")
     session, info = None, SessionInfo(choice, "off", model_path)
@@ -293,7 +296,8 @@ _ERRORS = ort.capi.onnxruntime_pybind11_state
 
 
 def _preload_cuda_libraries() -> None:
-    """Let onnxruntime-gpu find CUDA/cuDNN from pip's nvidia-* packages (what `import torch` would do, without torch)."""
+    """Let onnxruntime-gpu find CUDA/cuDNN from pip's nvidia-* packages
+    (what `import torch` would do, without torch)."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
@@ -318,8 +322,10 @@ def _session(path: Path, so: ort.SessionOptions, choice: ProviderChoice) -> ort.
             f"onnxruntime {ort.__version__} cannot run {path.name} on {choice.name}: {_first_line(exc)}; "
             "export the bundle for this provider (--target) or choose another --provider"
         ) from exc
-    except (_ERRORS.InvalidProtobuf, _ERRORS.InvalidGraph, _ERRORS.Fail, _ERRORS.InvalidArgument, _ERRORS.NoSuchFile) as exc:
-        raise BundleError(f"onnxruntime cannot load {path}: {_first_line(exc)}; the model is corrupt or incompatible, re-export it") from exc
+    except (_ERRORS.InvalidProtobuf, _ERRORS.InvalidGraph, _ERRORS.Fail, _ERRORS.InvalidArgument,
+            _ERRORS.NoSuchFile) as exc:
+        raise BundleError(f"onnxruntime cannot load {path}: {_first_line(exc)}; "
+                          "the model is corrupt or incompatible, re-export it") from exc
 
 
 def _first_line(exc: Exception) -> str:

@@ -12,7 +12,8 @@ import functools
 @functools.lru_cache(maxsize=1)
 def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -52,11 +52,13 @@ TRAITS: dict[str, ProviderTraits] = {
         install_hint="install onnxruntime-gpu (and CUDA 12 + cuDNN 9) instead of onnxruntime", kv_device="cuda",
         default_dtype="fp16", gqa_dtypes=("fp16",), preload_nvidia_libraries=True, fused_gelu=True,
         int8_kernels={"weight": None,
-                      "dynamic": "onnxruntime's CUDA provider has no DynamicQuantizeLinear / DynamicQuantizeMatMul kernels",
+                      "dynamic": "onnxruntime's CUDA provider has no "
+                                 "DynamicQuantizeLinear / DynamicQuantizeMatMul kernels",
                       "static": "QDQ INT8 runs unfused (dequantize + float MatMul) on CUDA"},
     ),
     "dml": ProviderTraits(
-        name="dml", ort_name="DmlExecutionProvider", install_hint="install onnxruntime-directml on Windows instead of onnxruntime",
+        name="dml", ort_name="DmlExecutionProvider",
+        install_hint="install onnxruntime-directml on Windows instead of onnxruntime",
         kv_device="dml", default_dtype="fp16", gqa_dtypes=("fp32", "fp16"), serialize_runs=True, memory_pattern=False,
         graph_cache=False,
         int8_kernels={"weight": None,
@@ -68,7 +70,8 @@ TRAITS: dict[str, ProviderTraits] = {
 PROVIDER_NAMES = tuple(TRAITS)  # in "auto" preference order reversed: CPU is the fallback, so it is listed first
 AUTO_ORDER = ("cuda", "dml")  # what "auto" tries before CPU
 # Bundles written before gptedge.json recorded `quantization.kind` name only their recipe.
-LEGACY_QUANT_KINDS = {"int8-weight": "weight", "int4-weight": "weight", "int8-dynamic": "dynamic", "int8-static": "static"}
+LEGACY_QUANT_KINDS = {"int8-weight": "weight", "int4-weight": "weight", "int8-dynamic": "dynamic",
+                      "int8-static": "static"}
 
 
 def traits(name: str) -> ProviderTraits:

@@ -59,7 +59,8 @@ def main() -> int:
     from gptedge.runtime.bench import format_bench, run_bench
 
     context = SIZES[args.size]["block_size"]
-    result = run_bench(bundle, "cuda", None, prompt_tokens=128, new_tokens=128, late_position=min(900, context - 128), runs=3)
+    result = run_bench(bundle, "cuda", None, prompt_tokens=128, new_tokens=128, late_position=min(900, context - 128),
+                       runs=3)
     result["export_s"] = export_s
     result["size"] = args.size
     print(format_bench(result))

@@ -72,7 +72,8 @@ def make_runtime_checkpoint(dest: Path, block_size: int = 128, seed: int = 0) ->
 
     tok = train_tokenizer(RUNTIME_TEXTS * 4, 320)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_embd=64)).eval()
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4,
+                          n_embd=64)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -90,7 +91,8 @@ def runtime_bundle(runtime_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     """The checkpoint exported by gptedge.export (target cpu, fp32, in-place KV, context 128)."""
     from gptedge.export.exporter import export_bundle
 
-    return export_bundle(runtime_checkpoint, tmp_path_factory.mktemp("runtime") / "bundle", target="cpu", progress=False)
+    return export_bundle(runtime_checkpoint, tmp_path_factory.mktemp("runtime") / "bundle", target="cpu",
+                         progress=False)
 
 
 @pytest.fixture(scope="session")

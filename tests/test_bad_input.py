@@ -25,7 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptedge.errors import (
-    BundleError, CheckpointError, ContextLengthError, DataError, GptEdgeError, QuantizeError, UsageError,
+    BundleError,
+    CheckpointError,
+    ContextLengthError,
+    DataError,
+    GptEdgeError,
+    QuantizeError,
+    UsageError,
 )
 from gptedge.runtime import Model
 from gptedge.runtime.bundle import SPEC_NAME, checksum_files
@@ -91,10 +97,12 @@ CLI_CASES = [
     ("generate-non-utf8-prompt", ["generate", "{bundle}", b"caf\xe9 \xff"], None, "not valid Unicode"),
     ("generate-stdin-empty", ["generate", "{bundle}", "-"], "", "prompt is empty"),
     ("generate-threads-0", ["generate", "{bundle}", "Hi", "--threads", "0"], None, "threads must be an integer >= 1"),
-    ("generate-temperature-nan", ["generate", "{bundle}", "Hi", "--temperature", "nan"], None, "temperature must be a finite number"),
+    ("generate-temperature-nan", ["generate", "{bundle}", "Hi", "--temperature", "nan"], None,
+     "temperature must be a finite number"),
     ("generate-min-p-1", ["generate", "{bundle}", "Hi", "--min-p", "1"], None, "--min-p must be in [0, 1)"),
     ("generate-seed-negative", ["generate", "{bundle}", "Hi", "--seed", "-1"], None, "seed must be an integer >= 0"),
-    ("generate-repetition-0", ["generate", "{bundle}", "Hi", "--repetition-penalty", "0"], None, "--repetition-penalty must be"),
+    ("generate-repetition-0", ["generate", "{bundle}", "Hi", "--repetition-penalty", "0"], None,
+     "--repetition-penalty must be"),
     ("generate-top-k-not-int", ["generate", "{bundle}", "Hi", "--top-k", "abc"], None, "invalid int value: 'abc'"),
     ("generate-bundle-is-a-file", ["generate", "{bundle}/model.onnx", "Hi"], None, "is not a bundle folder"),
     ("generate-bad-tokenizer", ["generate", "{tmp}/bad-tokenizer", "Hi"], None, "not a valid tokenizer.json"),
@@ -103,15 +111,18 @@ CLI_CASES = [
     ("eval-empty-file", ["eval", "{bundle}", "{tmp}/empty.txt"], None, "is empty"),
     ("eval-directory", ["eval", "{bundle}", "{tmp}"], None, "Is a directory"),
     ("eval-window-0", ["eval", "{bundle}", "{tmp}/text.txt", "--window", "0"], None, "window must be between 1"),
-    ("eval-stride-too-big", ["eval", "{bundle}", "{tmp}/text.txt", "--stride", "1000"], None, "stride must be between 1 and the window"),
-    ("chat-no-room-for-history", ["chat", "{bundle}", "--max-new-tokens", "200"], "hello\n", "must be below the context"),
+    ("eval-stride-too-big", ["eval", "{bundle}", "{tmp}/text.txt", "--stride", "1000"], None,
+     "stride must be between 1 and the window"),
+    ("chat-no-room-for-history", ["chat", "{bundle}", "--max-new-tokens", "200"], "hello\n",
+     "must be below the context"),
     ("bench-runs-0", ["bench", "{bundle}", "--runs", "0"], None, "--runs must be >= 1"),
     ("bench-json-unwritable", ["bench", "{bundle}", "--runs", "1", "--prompt-tokens", "2", "--new-tokens", "2",
                                "--json", "{tmp}/missing/x.json"], None, "choose a writable path"),
     ("info-garbage-spec", ["info", "{tmp}/garbage-spec"], None, "is not valid JSON"),
-    ("quantize-negative-gate", ["quantize", "{bundle}", "{tmp}/q", "--eval-text", "x", "--max-ppl-increase", "-1"], None,
-     "max_ppl_increase must be a percentage >= 0"),
-    ("quantize-block-size-7", ["quantize", "{bundle}", "{tmp}/q", "--eval-text", "x", "--block-size", "7"], None, "block size"),
+    ("quantize-negative-gate", ["quantize", "{bundle}", "{tmp}/q", "--eval-text", "x", "--max-ppl-increase", "-1"],
+     None, "max_ppl_increase must be a percentage >= 0"),
+    ("quantize-block-size-7", ["quantize", "{bundle}", "{tmp}/q", "--eval-text", "x", "--block-size", "7"], None,
+     "block size"),
     ("export-a-bundle", ["export", "{bundle}", "{tmp}/out", "--quiet"], None, "neither a gptedge checkpoint"),
     ("train-dropout-2", ["train", "{tmp}/text.txt", "--out", "{tmp}/run", "--preset", "tiny", "--dropout", "2",
                          "--no-progress"], None, "--dropout must be"),
@@ -124,7 +135,8 @@ def cli_files(runtime_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     (tmp / "binary.dat").write_bytes(b"\xff\xfe\x00\x01binary")
     (tmp / "empty.txt").write_text("")
     (tmp / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
-    bundle_variant(runtime_bundle, tmp / "bad-tokenizer", file_edit=write("tokenizer.json", b'{"version": "1.0", "model": 7}'))
+    bundle_variant(runtime_bundle, tmp / "bad-tokenizer",
+                   file_edit=write("tokenizer.json", b'{"version": "1.0", "model": 7}'))
     (tmp / "garbage-spec").mkdir()
     (tmp / "garbage-spec" / SPEC_NAME).write_text("{not json")
     return tmp
@@ -151,7 +163,8 @@ def test_cli_bad_input_is_one_line_and_nonzero(cli_results, name, argv, stdin, p
     proc = cli_results[name]
     assert not isinstance(proc, subprocess.TimeoutExpired), f"{name} hung for {CLI_TIMEOUT_S} s"
     stderr = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode not in (0, None) and proc.returncode > 0, (proc.returncode, stderr)  # > 0: not killed by a signal
+    # > 0: not killed by a signal
+    assert proc.returncode not in (0, None) and proc.returncode > 0, (proc.returncode, stderr)
     line = one_error_line(stderr, argv[0])
     assert phrase in line, line
 
@@ -175,7 +188,8 @@ GENERATE_CASES = [
     ("min-p-negative", dict(min_p=-0.1), UsageError, "min_p must be in [0, 1)"),
     ("repetition-0", dict(repetition_penalty=0), UsageError, "repetition_penalty must be a finite number > 0"),
     ("presence-nan", dict(presence_penalty=float("nan")), UsageError, "presence_penalty must be a finite number"),
-    ("frequency-minus-inf", dict(frequency_penalty=-float("inf")), UsageError, "frequency_penalty must be a finite number"),
+    ("frequency-minus-inf", dict(frequency_penalty=-float("inf")), UsageError,
+     "frequency_penalty must be a finite number"),
     ("stop-ids-none", dict(stop_token_ids=None), UsageError, "must be sequences"),
     ("stop-ids-negative", dict(stop_token_ids=[-1]), UsageError, "non-negative integer token ids"),
     ("stop-strings-int", dict(stop_strings=123), UsageError, "must be sequences"),
@@ -263,7 +277,8 @@ BUNDLE_CASES = [
 
 
 @pytest.mark.parametrize("name, spec_edit, file_edit, phrase", BUNDLE_CASES, ids=[c[0] for c in BUNDLE_CASES])
-def test_bad_bundle_is_refused_at_load(runtime_bundle: Path, tmp_path: Path, name, spec_edit, file_edit, phrase) -> None:
+def test_bad_bundle_is_refused_at_load(runtime_bundle: Path, tmp_path: Path, name, spec_edit, file_edit,
+                                       phrase) -> None:
     folder = bundle_variant(runtime_bundle, tmp_path / name, spec_edit, file_edit)
     with pytest.raises(BundleError) as info:
         Model.load(folder, provider="cpu", threads=1)
@@ -290,7 +305,8 @@ CHECKPOINT_CASES = [
     ("heads-do-not-divide", _config_edit(lambda c: c["model"].update(n_head=3)), "must be divisible"),
     ("n-layer-negative", _config_edit(lambda c: c["model"].update(n_layer=-1)), 'invalid "model" entry'),
     ("weights-truncated", _truncate("model.safetensors", 1000), "is not a valid safetensors file"),
-    ("weights-header-huge", write("model.safetensors", (10**15).to_bytes(8, "little") + b"{}"), "is not a valid safetensors file"),
+    ("weights-header-huge", write("model.safetensors", (10**15).to_bytes(8, "little") + b"{}"),
+     "is not a valid safetensors file"),
     ("tokenizer-garbage", write("tokenizer.json", b"{garbage"), "not a valid tokenizer.json"),
     ("hf-sizes-not-numbers", write("config.json", json.dumps({"model_type": "gpt2", "n_positions": "many"}).encode()),
      "invalid sizes"),
@@ -432,8 +448,9 @@ def test_any_sampling_values_are_refused_or_sample_valid_repeatable_tokens(optio
     assert run() == run()  # the same seed repeats the whole sequence
 
 
-PROMPT_TEXT = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "😀",
-                                                                       "<|endoftext|>", "\r\n"])), max_size=8).map("".join)
+PROMPT_TEXT = st.lists(st.one_of(st.text(max_size=6),
+                                 st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "😀",
+                                                  "<|endoftext|>", "\r\n"])), max_size=8).map("".join)
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,7 +13,8 @@ from gptedge.runtime import Model
 from gptedge.runtime.batcher import Batcher, QueueFull
 from gptedge.runtime.decoding import Decoding
 
-PROMPTS = ["def add(a, b):", "Hello world", "你好，世界", "The quick brown fox jumps over", "x", "print(", "😀🎉", "fox"]
+PROMPTS = ["def add(a, b):", "Hello world", "你好，世界", "The quick brown fox jumps over", "x", "print(", "😀🎉",
+           "fox"]
 
 
 def run(batcher: Batcher, model: Model, prompt, **kw):
@@ -32,7 +33,8 @@ def run(batcher: Batcher, model: Model, prompt, **kw):
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_rows_joining_at_different_times_match_solo_runs(runtime_model: Model, rows: int) -> None:
-    kws = [dict(temperature=0.9, seed=i, max_new_tokens=6 + 5 * (i % 4), stop_token_ids=()) for i in range(len(PROMPTS))]
+    kws = [dict(temperature=0.9, seed=i, max_new_tokens=6 + 5 * (i % 4), stop_token_ids=())
+           for i in range(len(PROMPTS))]
     solo = [runtime_model.generate(p, **kw) for p, kw in zip(PROMPTS, kws)]
     batcher = Batcher(runtime_model.engine, rows=rows)
     try:

@@ -38,7 +38,8 @@ def test_template_renders_like_transformers(tmp_path) -> None:
     ours = ChatTemplate(CHATML, {"bos_token": "<s>", "eos_token": "</s>"})
     for messages in (CONVERSATION, CONVERSATION[1:]):
         for prompt in (True, False):
-            expected = hf.apply_chat_template(messages, chat_template=CHATML, tokenize=False, add_generation_prompt=prompt)
+            expected = hf.apply_chat_template(messages, chat_template=CHATML, tokenize=False,
+                                              add_generation_prompt=prompt)
             assert ours.render(messages, add_generation_prompt=prompt) == expected
     json_template = "{{ messages | tojson }}"
     expected = hf.apply_chat_template(CONVERSATION, chat_template=json_template, tokenize=False)
@@ -93,7 +94,8 @@ def test_fit_messages_keeps_system_and_the_latest_turns(runtime_model) -> None:
     ids = fit_messages(runtime_model, template, messages, 28)
     assert len(ids) <= runtime_model.context_length - 28
     text = runtime_model.decode(ids)
-    assert text.startswith("System text.\n") and text.endswith("User: message number 38\nAssistant: message number 39\nAssistant:")
+    assert text.startswith("System text.\n") and text.endswith(
+        "User: message number 38\nAssistant: message number 39\nAssistant:")
     assert "message number 0\n" not in text
     long = [{"role": "user", "content": "tell me more " * 200}]
     ids = fit_messages(runtime_model, template, long, 28)

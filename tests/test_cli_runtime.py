@@ -31,7 +31,8 @@ def test_generate_streams_the_same_text_as_the_api(capsys, runtime_bundle: Path,
 
 def test_generate_sampling_options_and_stop(capsys, runtime_bundle: Path, runtime_model: Model) -> None:
     args = ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1",
-            "--presence-penalty", "0.2", "--frequency-penalty", "0.1", "--max-new-tokens", "25", "--seed", "7", "--threads", "1"]
+            "--presence-penalty", "0.2", "--frequency-penalty", "0.1", "--max-new-tokens", "25", "--seed", "7",
+            "--threads", "1"]
     rc, out, _ = run_cli(capsys, "generate", runtime_bundle, "Hello", *args)
     expected = runtime_model.generate("Hello", temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
                                       presence_penalty=0.2, frequency_penalty=0.1, max_new_tokens=25, seed=7)
@@ -103,7 +104,8 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path: Path, runtime_bu
 def test_chat_keeps_history_and_survives_long_input(capsys, monkeypatch, runtime_bundle: Path) -> None:
     long_turn = "tell me more " * 60  # longer than the context on its own: truncated, not an error
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hello there\n\n{long_turn}\nand again\n"))
-    rc, out, err = run_cli(capsys, "chat", runtime_bundle, "--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief.")
+    rc, out, err = run_cli(capsys, "chat", runtime_bundle, "--temperature", "0", "--max-new-tokens", "12", "--system",
+                           "Be brief.")
     assert rc == 0, err
     assert out.count("model>") == 3 and "you> Hello there" in out and "you> and again" in out
 
@@ -161,10 +163,11 @@ def test_tampered_bundle_fails_in_a_subprocess(tmp_path: Path, runtime_bundle: P
     bundle = tmp_path / "tampered"
     shutil.copytree(runtime_bundle, bundle)
     (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text() + " ")
-    proc = subprocess.run([sys.executable, "-m", "gptedge.cli", "generate", str(bundle), "Hi"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "gptedge.cli", "generate", str(bundle), "Hi"], capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"gptedge generate: error: bundle file tokenizer.json does not match its sha256 in gptedge.json: "
+        "gptedge generate: error: bundle file tokenizer.json does not match its sha256 in gptedge.json: "
         "it was modified or corrupted; re-export or re-copy the bundle"
     ]
 

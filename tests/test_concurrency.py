@@ -52,7 +52,8 @@ def test_cancel_from_another_thread_frees_the_buffer(runtime_model: Model) -> No
     result = {}
 
     def work() -> None:
-        stream = runtime_model.stream("Hello", temperature=1.0, seed=3, max_new_tokens=120, stop_token_ids=(), cancel=token)
+        stream = runtime_model.stream("Hello", temperature=1.0, seed=3, max_new_tokens=120, stop_token_ids=(),
+                                      cancel=token)
         for i, _ in enumerate(stream):
             if i == 2:
                 started.set()

@@ -26,7 +26,8 @@ def test_torchrun_two_processes_match_one_process(train_corpus: Path, train_cach
                                    cache_dir=str(train_cache), progress=False))
     finally:
         torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gptedge.train.cli", str(train_corpus), "--out", str(tmp_path / "ddp"), "--preset", "tiny",

@@ -33,7 +33,8 @@ from gptedge.train.checkpoint import load_checkpoint, save_checkpoint
 from gptedge.train.model import GPT, GPTConfig
 from gptedge.train.tokenizer import EOT, train_tokenizer
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "The quick brown fox jumps over the lazy dog.\n"]
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+         "The quick brown fox jumps over the lazy dog.\n"]
 CONFIG = dict(block_size=64, n_layer=2, n_head=3, n_embd=48)
 
 
@@ -95,10 +96,12 @@ def dims(value) -> list:
 def test_cpu_bundle_spec(bundle_cpu, ckpt: Path, gpt: GPT) -> None:
     bundle, stderr = bundle_cpu
     assert stderr == ""  # progress=False is silent
-    assert sorted(p.name for p in bundle.iterdir()) == ["gptedge.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["gptedge.json", "model.onnx", "model.onnx.data",
+                                                        "tokenizer.json"]
     spec = read_spec(bundle)  # checksums verified
     assert set(spec.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    assert (spec.dtype, spec.target, spec.kv_cache.update, spec.kv_cache.dtype, spec.kv_cache.layout) == ("fp32", "cpu", "inplace", "fp32", "BNSH")
+    assert ((spec.dtype, spec.target, spec.kv_cache.update, spec.kv_cache.dtype, spec.kv_cache.layout)
+            == ("fp32", "cpu", "inplace", "fp32", "BNSH"))
     assert spec.io == IOSpec()
     a, c = spec.architecture, gpt.config
     assert (a.n_layer, a.n_head, a.n_kv_head, a.head_dim, a.n_embd, a.vocab_size, a.context_length) == (
@@ -118,7 +121,8 @@ def test_cpu_bundle_verification_numbers(bundle_cpu) -> None:
     assert v["tolerance"] == 1e-4
     assert 0 <= v["max_abs_diff_prefill"] <= 1e-4 and 0 <= v["max_abs_diff_decode"] <= 1e-4
     assert v["greedy_match"] is True and v["greedy_agreement"] == 1.0
-    assert v["greedy_compared"] == v["batch"] * (v["steps"] + 1) + v["chunk_tokens"]  # each row: last prompt position + steps
+    # each row: last prompt position + steps
+    assert v["greedy_compared"] == v["batch"] * (v["steps"] + 1) + v["chunk_tokens"]
 
 
 def test_graph_matches_bundle_contract(bundle_cpu, gpt: GPT) -> None:
@@ -134,7 +138,8 @@ def test_graph_matches_bundle_contract(bundle_cpu, gpt: GPT) -> None:
     expect = {
         "input_ids": (T.INT64, ["batch", "sequence"]), "position_ids": (T.INT64, ["batch", "sequence"]),
         "seqlens_k": (T.INT32, ["batch"]), "total_sequence_length": (T.INT32, []),
-        "logits_index": (T.INT64, ["batch", "logits_count"]), "logits": (T.FLOAT, ["batch", "logits_count", c.vocab_size]),
+        "logits_index": (T.INT64, ["batch", "logits_count"]),
+        "logits": (T.FLOAT, ["batch", "logits_count", c.vocab_size]),
     }
     for i in range(c.n_layer):
         for name in (f"past_key_{i}", f"past_value_{i}", f"present_key_{i}", f"present_value_{i}"):
@@ -169,9 +174,11 @@ def test_fp16_bundle_for_cuda(bundle_fp16, bundle_cpu) -> None:
     spec = read_spec(bundle_fp16)
     assert (spec.dtype, spec.target, spec.kv_cache.dtype, spec.kv_cache.update) == ("fp16", "cuda", "fp16", "inplace")
     m = onnx.load(bundle_fp16 / "model.onnx", load_external_data=False)
-    floats = {t.data_type for t in m.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    floats = {t.data_type
+              for t in m.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     assert floats == {onnx.TensorProto.FLOAT16}
-    assert {v.type.tensor_type.elem_type for v in m.graph.input if v.name.startswith("past_")} == {onnx.TensorProto.FLOAT16}
+    assert ({v.type.tensor_type.elem_type for v in m.graph.input if v.name.startswith("past_")}
+            == {onnx.TensorProto.FLOAT16})
     v = spec.verification
     assert v["tolerance_rule"] == f"{FP16_REL_TOL} x max(1, max |reference logit|)"
     assert v["tolerance"] == pytest.approx(FP16_REL_TOL * max(1.0, v["max_abs_logit"]))
@@ -221,11 +228,13 @@ def test_bundle_runs_in_a_process_without_torch(bundle_cpu, gpt: GPT, tmp_path: 
         sess = ort.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
         prompts = json.loads(sys.argv[2])
         B, S, cap = len(prompts), max(map(len, prompts)), 32
-        kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros((B, a.n_kv_head, cap, a.head_dim), np.float32)) for _ in range(2 * a.n_layer)]
+        kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros((B, a.n_kv_head, cap, a.head_dim), np.float32))
+              for _ in range(2 * a.n_layer)]
         def step(ids, pos, seqlens, total, index):
             b = sess.io_binding()
             b.bind_output(io.logits)
-            for name, value in ((io.input_ids, ids), (io.position_ids, pos), (io.seqlens_k, np.array(seqlens, np.int32)),
+            for name, value in ((io.input_ids, ids), (io.position_ids, pos),
+                                (io.seqlens_k, np.array(seqlens, np.int32)),
                                 (io.total_sequence_length, np.array(total, np.int32)), (io.logits_index, index)):
                 b.bind_cpu_input(name, value)
             for value, past, present in zip(kv, io.past_names(a.n_layer), io.present_names(a.n_layer)):
@@ -237,15 +246,18 @@ def test_bundle_runs_in_a_process_without_torch(bundle_cpu, gpt: GPT, tmp_path: 
         for r, p in enumerate(prompts):
             ids[r, :len(p)] = p
         lengths = [len(p) for p in prompts]
-        logits = step(ids, np.tile(np.arange(S), (B, 1)), [n - 1 for n in lengths], S, np.array([[n - 1] for n in lengths]))
+        logits = step(ids, np.tile(np.arange(S), (B, 1)), [n - 1 for n in lengths], S,
+                      np.array([[n - 1] for n in lengths]))
         tokens = [[] for _ in prompts]
         for _ in range(8):
             nxt = logits[:, -1].argmax(-1)
             for r in range(B):
                 tokens[r].append(int(nxt[r]))
-            logits = step(nxt.reshape(B, 1), np.array([[n] for n in lengths]), lengths, max(lengths) + 1, np.zeros((B, 1), np.int64))
+            logits = step(nxt.reshape(B, 1), np.array([[n] for n in lengths]), lengths, max(lengths) + 1,
+                          np.zeros((B, 1), np.int64))
             lengths = [n + 1 for n in lengths]
-        print(json.dumps({"tokens": tokens, "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
+        print(json.dumps({"tokens": tokens,
+                          "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
     """))
     prompts = [[5, 17, 42, 99, 7, 3], [11, 250, 8]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -43,7 +43,8 @@ FAMILIES = {
               dict(COMMON, num_attention_heads=4, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM",
                 dict(COMMON, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, head_dim=16,
-                     sliding_window=4096, rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=False)),
+                     sliding_window=4096, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                     tie_word_embeddings=False)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM",
              dict(COMMON, num_key_value_heads=3, num_hidden_layers=2, max_position_embeddings=128,
                   original_max_position_embeddings=CONTEXT, tie_word_embeddings=False, pad_token_id=0,
@@ -164,7 +165,8 @@ def _edit_weights(folder: Path, edit) -> None:
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"), "missing: layers.1.self_attn.k_proj.weight"),
-    (lambda s: s.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(7, 96)}), "wrong shape: transformer.h.0.mlp.c_fc"),
+    (lambda s: s.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(7, 96)}),
+     "wrong shape: transformer.h.0.mlp.c_fc"),
     (lambda s: s.update({"model.layers.0.extra.weight": torch.zeros(3)}), "unexpected: layers.0.extra.weight"),
 ])
 def test_bad_weights_are_refused_and_nothing_written(edit, message: str, tmp_path: Path) -> None:
@@ -258,7 +260,8 @@ def test_info_shows_family_heads_and_rope(exported, capsys) -> None:
     assert main(["info", str(exported["llama"][1]["inplace"])]) == 0
     out = capsys.readouterr().out
     assert "architecture  llama: 3 layers, 6 heads (2 kv) x 16" in out
-    assert "model         rope (theta 500000, llama3 x8), rmsnorm, swiglu 200, tied head, biases on qkv, proj, mlp" in out
+    assert ("model         rope (theta 500000, llama3 x8), rmsnorm, swiglu 200, tied head, "
+            "biases on qkv, proj, mlp") in out
     assert main(["info", str(exported["qwen3"][1]["inplace"])]) == 0
     assert "4 heads (2 kv) x 32" in capsys.readouterr().out
 

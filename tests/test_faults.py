@@ -51,7 +51,8 @@ class Run:
         self.proc = subprocess.Popen([sys.executable, "-m", "gptedge.cli", *argv], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.stdout = self.stderr = b""
-        self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in ("stdout", "stderr")]
+        self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
+                         for name in ("stdout", "stderr")]
         for reader in self._readers:
             reader.start()
 
@@ -63,7 +64,8 @@ class Run:
     def wait_for(self, text: str, timeout: float = RUN_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while text.encode() not in self.stderr:
-            assert self.proc.poll() is None or text.encode() in self.stderr, f"ended before {text!r}: {self.stderr.decode()}"
+            assert self.proc.poll() is None or text.encode() in self.stderr, \
+                f"ended before {text!r}: {self.stderr.decode()}"
             assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
             time.sleep(0.01)
 
@@ -91,7 +93,8 @@ EXPORT_KILLS = [
 ]
 
 
-def test_export_killed_anywhere_leaves_the_earlier_bundle(runtime_checkpoint: Path, runtime_bundle: Path, tmp_path: Path) -> None:
+def test_export_killed_anywhere_leaves_the_earlier_bundle(runtime_checkpoint: Path, runtime_bundle: Path,
+                                                          tmp_path: Path) -> None:
     dest = tmp_path / "bundle"
     shutil.copytree(runtime_bundle, dest)
     earlier = (dest / SPEC_NAME).read_bytes()
@@ -144,7 +147,8 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_saving_a_checkpoint(runtime_checkpoint: Path, runtime_gpt, tmp_path: Path, monkeypatch) -> None:
+def test_disk_full_while_saving_a_checkpoint(runtime_checkpoint: Path, runtime_gpt, tmp_path: Path,
+                                             monkeypatch) -> None:
     from gptedge.train import checkpoint
 
     dest = tmp_path / "ckpt"
@@ -174,7 +178,8 @@ def tiny_disk(tmp_path: Path):
 
 
 def test_disk_really_full_during_quantize(runtime_bundle: Path, tiny_disk: Path) -> None:
-    """The quantized model (~0.2 MB, plus scratch copies) does not fit on a 200 KB disk: one clear error, nothing left."""
+    """The quantized model (~0.2 MB, plus scratch copies) does not fit on a 200 KB disk:
+    one clear error, nothing left."""
     run = Run(["quantize", str(runtime_bundle), str(tiny_disk / "int8"), "--eval-text", "x = 1\n" * 300,
                "--max-ppl-increase", "1000", "--no-progress"])
     rc = run.finish()
@@ -185,7 +190,7 @@ def test_disk_really_full_during_quantize(runtime_bundle: Path, tiny_disk: Path)
     assert list(tiny_disk.iterdir()) == []
 
 
-# -- permission errors (tests run as root, so chmod would not stop them: the calls are made to fail) ---------------------
+# -- permission errors (tests run as root, so chmod would not stop them: the calls are made to fail) -------------------
 def test_unwritable_parent_is_a_clear_error(runtime_checkpoint: Path, runtime_gpt, tmp_path: Path, monkeypatch) -> None:
     from gptedge.train import checkpoint
 
@@ -229,5 +234,6 @@ def test_quantize_output_under_a_regular_file(runtime_bundle: Path, tmp_path: Pa
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(GptEdgeError, match="cannot write"):
-        quantize_bundle(runtime_bundle, blocker / "int8", eval_text="x = 1\n" * 300, progress=False, log=lambda line: None)
+        quantize_bundle(runtime_bundle, blocker / "int8", eval_text="x = 1\n" * 300, progress=False,
+                        log=lambda line: None)
     assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

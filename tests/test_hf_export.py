@@ -26,7 +26,8 @@ from gptedge.runtime.bundle import read_spec  # noqa: E402
 from gptedge.runtime.engine import Engine  # noqa: E402
 from gptedge.runtime.evaluate import greedy_decode  # noqa: E402
 
-TEXT = ["def add(a, b):\n    return a + b\n", "hello world, the quick brown fox\n", "for i in range(10): print(i)\n"] * 20
+TEXT = ["def add(a, b):\n    return a + b\n", "hello world, the quick brown fox\n",
+        "for i in range(10): print(i)\n"] * 20
 EOT = "<|endoftext|>"
 VOCAB = 211
 
@@ -68,7 +69,8 @@ def hf_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         "gelu-bin-slowtok": save_hf(root / "b", seed=1, slow_tokenizer=True, safetensors=False,
                                     n_embd=40, n_layer=3, n_head=5, activation_function="gelu"),
     }
-    return {name: (folder, export_bundle(folder, root / f"{name}-bundle", progress=False)) for name, folder in folders.items()}
+    return {name: (folder, export_bundle(folder, root / f"{name}-bundle", progress=False))
+            for name, folder in folders.items()}
 
 
 def right_padded_greedy(bundle: Path, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
@@ -84,7 +86,8 @@ def test_greedy_tokens_equal_transformers_generate(hf_models, name: str) -> None
     folder, bundle = hf_models[name]
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    prompts = [tok.encode("def add(a, b):\n    return").ids, tok.encode("hello").ids, tok.encode("for i in range(10):").ids]
+    prompts = [tok.encode("def add(a, b):\n    return").ids, tok.encode("hello").ids,
+               tok.encode("for i in range(10):").ids]
     assert len({len(p) for p in prompts}) == 3
     ours = right_padded_greedy(bundle, prompts, 20)[0]
     for prompt, mine in zip(prompts, ours):
@@ -147,15 +150,17 @@ def test_refuses_unsupported_configs(change: dict, message: str, tmp_path: Path)
         hf.gpt_config({**BASE, **change}, tmp_path)
 
 
-@pytest.mark.parametrize("activation, approximate", [("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"), ("gelu", "none")])
+@pytest.mark.parametrize("activation, approximate",
+                         [("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"), ("gelu", "none")])
 def test_maps_config(activation: str, approximate: str, tmp_path: Path) -> None:
     c = hf.gpt_config({**BASE, "activation_function": activation, "layer_norm_epsilon": 1e-6}, tmp_path)
-    assert (c.block_size, c.vocab_size, c.n_head, c.gelu_approximate, c.layer_norm_epsilon) == (64, VOCAB, 3, approximate, 1e-6)
+    assert ((c.block_size, c.vocab_size, c.n_head, c.gelu_approximate, c.layer_norm_epsilon)
+            == (64, VOCAB, 3, approximate, 1e-6))
 
 
 def test_untied_head_loads_as_its_own_matrix_and_foreign_tokenizer_is_refused(tmp_path: Path) -> None:
-    untied = save_hf(tmp_path / "untied", seed=0, slow_tokenizer=False, safetensors=True, n_embd=48, n_layer=1, n_head=3,
-                     tie_word_embeddings=False, n_inner=100)
+    untied = save_hf(tmp_path / "untied", seed=0, slow_tokenizer=False, safetensors=True, n_embd=48, n_layer=1,
+                     n_head=3, tie_word_embeddings=False, n_inner=100)
     model = hf.load_hf(untied).model
     reference = transformers.GPT2LMHeadModel.from_pretrained(untied).eval()
     assert not model.config.tie_embeddings and model.config.intermediate_size == 100
@@ -165,7 +170,8 @@ def test_untied_head_loads_as_its_own_matrix_and_foreign_tokenizer_is_refused(tm
         assert torch.allclose(model(ids)[0], reference(ids).logits, atol=1e-5)
     small = tmp_path / "small"
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(small)
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(small)
     small_bpe().save(str(small / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="the tokenizer has .* tokens but the model only 20 embeddings"):
         hf.load_hf(small)

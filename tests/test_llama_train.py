@@ -24,7 +24,8 @@ def tiny_llama(out: Path, corpus: Path, cache: Path, **overrides) -> TrainConfig
     return TrainConfig(**{**settings, **overrides})
 
 
-def test_preset_builds_a_llama_style_model_and_resumes_exactly(train_corpus: Path, train_cache: Path, tmp_path: Path) -> None:
+def test_preset_builds_a_llama_style_model_and_resumes_exactly(train_corpus: Path, train_cache: Path,
+                                                               tmp_path: Path) -> None:
     full = train(tiny_llama(tmp_path / "full", train_corpus, train_cache))
     half = train(tiny_llama(tmp_path / "half", train_corpus, train_cache, stop_after=5))
     resumed = train(TrainConfig(out=str(half), resume=str(half), cache_dir=str(train_cache), progress=False))

@@ -7,7 +7,6 @@ import torch
 
 from gptedge.train.model import GPT, GPTConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

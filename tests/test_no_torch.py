@@ -31,7 +31,8 @@ print(json.dumps({"tokens": result.token_ids, "provider": model.provider, "heavy
 
 
 def test_runtime_works_without_torch(runtime_bundle: Path, runtime_model) -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(runtime_bundle)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(runtime_bundle)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []
@@ -45,6 +46,7 @@ def test_cli_runtime_commands_do_not_import_torch(runtime_bundle: Path) -> None:
         "import sys, gptedge.cli; rc = gptedge.cli.main(['generate', sys.argv[1], 'Hi', '--temperature', '0', "
         "'--max-new-tokens', '4']); print('torch' in sys.modules, rc)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(runtime_bundle)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, str(runtime_bundle)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False 0"

@@ -1,4 +1,5 @@
-"""A decoder exported by Hugging Face Optimum runs through gptedge's Engine and sampler, token for token like transformers."""
+"""A decoder exported by Hugging Face Optimum runs through gptedge's Engine and sampler,
+token for token like transformers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from gptedge.errors import BundleError  # noqa: E402
 from gptedge.runtime import Model  # noqa: E402
 from gptedge.runtime.optimum import is_optimum_folder  # noqa: E402
 
-TEXTS = ["Hello world! The quick brown fox jumps over the lazy dog.\n", "def add(a, b):\n    return a + b\n", "你好，世界。😀\n"]
+TEXTS = ["Hello world! The quick brown fox jumps over the lazy dog.\n", "def add(a, b):\n    return a + b\n",
+         "你好，世界。😀\n"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def test_optimum_greedy_equals_transformers(hf_models, prompt: str) -> None:
     loaded = Model.load(out, provider="cpu")
     ids = loaded.encode(prompt)
     with torch.no_grad():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=model.config.eos_token_id)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)
     ref_new = ref[0, len(ids):].tolist()
     if ref_new and ref_new[-1] == loaded.eos_id:
         ref_new = ref_new[:-1]  # gptedge does not output the stop token
@@ -74,7 +77,8 @@ def test_optimum_next_tokens_and_batch(hf_models) -> None:
     assert [r[1] for r in rows] == torch.topk(probs, 3).indices.tolist()
     prompts = ["Hello world!", "x", "def add(a, b):"]
     kw = dict(temperature=0.0, max_new_tokens=10, stop_token_ids=())
-    assert [r.token_ids for r in loaded.generate_batch(prompts, **kw)] == [loaded.generate(p, **kw).token_ids for p in prompts]
+    assert ([r.token_ids for r in loaded.generate_batch(prompts, **kw)]
+            == [loaded.generate(p, **kw).token_ids for p in prompts])
 
 
 def test_optimum_folder_without_tokenizer_is_refused(hf_models, tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
     test_commands = [line.strip() for b in blocks for line in b.splitlines() if "pytest" in line and "venv" in line]
     assert test_commands, "README.md must show the command that sets up and runs the tests"
-    assert test_commands[0] in ci.replace("pip install -q ", "pip install "), "'.ci/run' must run README.md's test command"
+    assert test_commands[0] in ci.replace("pip install -q ", "pip install "), \
+        "'.ci/run' must run README.md's test command"
 
 
 @pytest.mark.slow
@@ -44,7 +45,8 @@ def test_wheel_holds_only_the_gptedge_package(tmp_path):
 
 
 def test_import_gptedge_is_light():
-    code = "import sys, gptedge, gptedge.cli; print(sorted(m for m in ('numpy','onnxruntime','torch','onnx') if m in sys.modules))"
+    code = ("import sys, gptedge, gptedge.cli; "
+            "print(sorted(m for m in ('numpy','onnxruntime','torch','onnx') if m in sys.modules))")
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -59,7 +61,8 @@ def test_top_level_help_lists_every_command():
         assert name in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "export", "quantize", "generate", "chat", "next", "eval", "info", "bench", "demo"])
+@pytest.mark.parametrize("command",
+                         ["train", "export", "quantize", "generate", "chat", "next", "eval", "info", "bench", "demo"])
 def test_every_command_explains_every_option(command):
     result = _run("-m", "gptedge.cli", command, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -69,7 +72,8 @@ def test_every_command_explains_every_option(command):
         m = re.match(r"^\s{2}(-{1,2}[\w-]+)", line)
         if m and m.group(1) not in ("-h", "--help"):
             rest = line[m.end():].strip()
-            has_text = bool(re.search(r"\s{2,}\S", line[m.end():])) or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 8))
+            has_text = (bool(re.search(r"\s{2,}\S", line[m.end():]))
+                        or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 8)))
             assert has_text, f"`gptedge {command}` option {m.group(1)} has no help: {line!r} {rest!r}"
 
 

@@ -20,7 +20,8 @@ HAS_DML = DML in ort.get_available_providers()
 
 def spec(dtype: str = "fp32", target: str = "cpu", kv: str = "inplace", quantization=None) -> BundleSpec:
     arch = Architecture("gpt2", 2, 4, 4, 16, 64, 320, 128)
-    return BundleSpec(architecture=arch, dtype=dtype, target=target, kv_cache=KVCacheSpec(update=kv, dtype=dtype), quantization=quantization)
+    return BundleSpec(architecture=arch, dtype=dtype, target=target, kv_cache=KVCacheSpec(update=kv, dtype=dtype),
+                      quantization=quantization)
 
 
 def choose(requested, s, available):
@@ -64,7 +65,8 @@ def test_fp32_gqa_bundle_on_cuda_falls_back_to_cpu() -> None:
     for quantization in ({"method": "int8-dynamic", "kind": "dynamic"}, {"method": "int8-dynamic"}):  # recorded, legacy
         choice, warned = choose("cuda", spec("fp32", quantization=quantization, kv="concat"), [CUDA, CPU])
         assert choice.name == "cpu" and "DynamicQuantizeMatMul" in warned[0]
-    choice, _ = choose("cuda", spec("fp32", quantization={"method": "int8-weight", "kind": "weight"}, kv="concat"), [CUDA, CPU])
+    choice, _ = choose("cuda", spec("fp32", quantization={"method": "int8-weight", "kind": "weight"}, kv="concat"),
+                       [CUDA, CPU])
     assert choice.name == "cuda"
 
 
@@ -129,7 +131,8 @@ def cuda_model(cuda_bundle: Path):
 
     model = Model.load(cuda_bundle, provider="cuda")
     if model.provider != "cuda":
-        pytest.fail(f"CUDAExecutionProvider is listed but the session fell back to CPU: {model.session_info.choice.reason}")
+        pytest.fail("CUDAExecutionProvider is listed but the session fell back to CPU: "
+                    f"{model.session_info.choice.reason}")
     return model
 
 
@@ -186,7 +189,7 @@ def test_cuda_fp32_bundle_falls_back_to_cpu(runtime_bundle: Path) -> None:
     assert model.provider == "cpu"
 
 
-# -- DirectML -------------------------------------------------------------------------------------------------------------
+# -- DirectML ----------------------------------------------------------------------------------------------------------
 @pytest.mark.dml
 def test_dml_runs_serialized_and_matches_cpu(runtime_bundle: Path, runtime_model) -> None:
     if not HAS_DML:
@@ -197,4 +200,5 @@ def test_dml_runs_serialized_and_matches_cpu(runtime_bundle: Path, runtime_model
     assert model.provider == "dml" and model.engine._run_lock is not None
     assert not model.engine.session.get_session_options().enable_mem_pattern
     kw = dict(temperature=0.0, max_new_tokens=12, stop_token_ids=())
-    assert model.generate("def add(a, b):", **kw).token_ids[:5] == runtime_model.generate("def add(a, b):", **kw).token_ids[:5]
+    assert (model.generate("def add(a, b):", **kw).token_ids[:5]
+            == runtime_model.generate("def add(a, b):", **kw).token_ids[:5])

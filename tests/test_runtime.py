@@ -1,4 +1,5 @@
-"""The Model API on a real exported bundle: parity with PyTorch, streaming, stops, context, batching, scoring, errors."""
+"""The Model API on a real exported bundle: parity with PyTorch, streaming, stops, context, batching,
+scoring, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptedge.errors import BundleError, ContextLengthError, GptEdgeError, UsageError
-from gptedge.runtime import CancelToken, Model, SamplingParams
+from gptedge.runtime import CancelToken, Model
 from gptedge.runtime.generator import kv_capacity
 
 
@@ -56,7 +57,7 @@ def test_token_id_prompt_equals_text_prompt(runtime_model: Model) -> None:
     assert a.token_ids == b.token_ids and a.text == b.text
 
 
-# -- streaming ----------------------------------------------------------------------------------------------------------
+# -- streaming ---------------------------------------------------------------------------------------------------------
 def test_stream_equals_generate_and_reports_timings(runtime_model: Model) -> None:
     kw = dict(temperature=1.0, seed=123, max_new_tokens=30, stop_token_ids=())
     stream = runtime_model.stream("Hello", **kw)
@@ -76,7 +77,8 @@ def test_stream_equals_generate_and_reports_timings(runtime_model: Model) -> Non
     temperature=st.sampled_from([0.8, 1.5, 3.0]),
 )
 def test_stream_pieces_never_split_characters(runtime_model: Model, prompt: str, seed: int, temperature: float) -> None:
-    """At high temperature the byte-level model emits split multi-byte characters; pieces stay whole and join exactly."""
+    """At high temperature the byte-level model emits split multi-byte characters;
+    pieces stay whole and join exactly."""
     stream = runtime_model.stream(prompt, temperature=temperature, seed=seed, max_new_tokens=24, stop_token_ids=())
     pieces = list(stream)
     full = runtime_model.decode(stream.result.token_ids)
@@ -99,7 +101,7 @@ def test_stream_splits_multibyte_characters_correctly(runtime_model: Model) -> N
     assert all("\ufffd" not in p for p in pieces)
 
 
-# -- stopping -------------------------------------------------------------------------------------------------------------
+# -- stopping ----------------------------------------------------------------------------------------------------------
 def test_stop_string_across_tokens_is_cut(runtime_model: Model) -> None:
     kw = dict(temperature=0.0, max_new_tokens=40, stop_token_ids=())
     full = runtime_model.generate("def add(a, b):", **kw)
@@ -132,7 +134,7 @@ def test_length_finish(runtime_model: Model) -> None:
     assert result.finish_reason == "length" and len(result.token_ids) == 7
 
 
-# -- context ------------------------------------------------------------------------------------------------------------------
+# -- context -----------------------------------------------------------------------------------------------------------
 def test_context_overflow_is_an_error_or_truncates_left(runtime_model: Model, runtime_gpt) -> None:
     ids = (runtime_model.encode("Hello world! The quick brown fox. ") * 20)[:120]
     with pytest.raises(ContextLengthError, match="truncate='left'"):
@@ -159,7 +161,7 @@ def test_kv_buffer_is_sized_to_the_request(runtime_model: Model) -> None:
     assert cache.values[0].shape()[2] == 64
 
 
-# -- batching ----------------------------------------------------------------------------------------------------------------------
+# -- batching ----------------------------------------------------------------------------------------------------------
 def test_batch_equals_one_by_one(runtime_model: Model) -> None:
     prompts = ["def add(a, b):", "x", "你好，世界。😀", "The quick brown fox jumps over"]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=9, top_k=20)):
@@ -189,7 +191,7 @@ def test_batch_rows_keep_their_own_budgets(runtime_model: Model) -> None:
     assert [len(b.token_ids) for b in batch] == [8, 128 - len(prompts[1])]
 
 
-# -- cancellation ----------------------------------------------------------------------------------------------------------------------
+# -- cancellation ------------------------------------------------------------------------------------------------------
 def test_closing_a_stream_cancels_and_returns_the_buffer(runtime_model: Model) -> None:
     engine = runtime_model.engine
     engine.clear_pool()
@@ -217,7 +219,7 @@ def test_cancel_token(runtime_model: Model) -> None:
     assert early.finish_reason == "cancelled" and early.token_ids == []
 
 
-# -- scoring ----------------------------------------------------------------------------------------------------------------------------
+# -- scoring -----------------------------------------------------------------------------------------------------------
 def test_next_tokens_match_pytorch(runtime_model: Model, runtime_gpt) -> None:
     prompt = "def add(a, b):"
     rows = runtime_model.next_tokens(prompt, 5)
@@ -228,7 +230,8 @@ def test_next_tokens_match_pytorch(runtime_model: Model, runtime_gpt) -> None:
     assert [r[1] for r in rows] == top.indices.tolist()
     np.testing.assert_allclose([r[2] for r in rows], top.values.numpy(), rtol=1e-4)
     assert rows[0][0] == runtime_model.decode([rows[0][1]], skip_special_tokens=False)
-    assert rows[0][1] == runtime_model.generate(prompt, temperature=0.0, max_new_tokens=1, stop_token_ids=()).token_ids[0]
+    assert rows[0][1] == runtime_model.generate(prompt, temperature=0.0, max_new_tokens=1,
+                                                stop_token_ids=()).token_ids[0]
 
 
 def test_perplexity_matches_pytorch_and_slides(runtime_model: Model, runtime_gpt) -> None:
@@ -258,7 +261,7 @@ def test_perplexity_matches_pytorch_and_slides(runtime_model: Model, runtime_gpt
     assert runtime_model.perplexity(long) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
 
 
-# -- the optimized-graph cache --------------------------------------------------------------------------------------------------------
+# -- the optimized-graph cache -----------------------------------------------------------------------------------------
 def test_graph_cache_hit_gives_identical_logits(runtime_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("GPTEDGE_CACHE", str(tmp_path / "cache"))
     first = Model.load(runtime_bundle, provider="cpu", threads=1)
@@ -315,10 +318,11 @@ def test_cache_is_bounded_least_recently_used_first_and_can_be_off(runtime_bundl
     assert not (tmp_path / "real" / "graphs").exists()
     monkeypatch.setenv("GPTEDGE_CACHE_MAX_MB", "0.0001")  # smaller than any graph: written, then pruned
     assert Model.load(runtime_bundle, provider="cpu", threads=1).session_info.cache == "miss"
-    assert [p for p in (tmp_path / "real" / "graphs").iterdir() if not p.name.startswith(".")] != []  # the new one stays
+    # the new one stays
+    assert [p for p in (tmp_path / "real" / "graphs").iterdir() if not p.name.startswith(".")] != []
 
 
-# -- bad input ----------------------------------------------------------------------------------------------------------------------------
+# -- bad input ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "prompt, kwargs, match",
     [
@@ -404,7 +408,8 @@ def test_errors_share_one_base(runtime_model: Model) -> None:
 
 def test_on_token_sees_every_sampled_id_in_order(runtime_model):
     seen: list[int] = []
-    result = runtime_model.generate("def f(x):", max_new_tokens=10, temperature=0.0, stop_token_ids=(), on_token=seen.append)
+    result = runtime_model.generate("def f(x):", max_new_tokens=10, temperature=0.0, stop_token_ids=(),
+                                    on_token=seen.append)
     assert seen == result.token_ids and len(seen) == 10
 
 

@@ -12,10 +12,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from serve_util import live_server, wait_ready
 
 from gptedge.runtime import Model
 from gptedge.runtime.chat import template_for
+from serve_util import live_server, wait_ready
 
 SCHEMA = {
     "type": "object",
@@ -87,7 +87,8 @@ def test_n_choices_each_get_their_own_seed(client, runtime_model: Model) -> None
     got = client.completions.create(model="tiny", prompt="Hello", temperature=1.0, seed=40, max_tokens=8, n=3,
                                     extra_body={"ignore_eos": True})
     texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
-    assert texts == [runtime_model.generate("Hello", temperature=1.0, seed=40 + j, max_new_tokens=8, stop_token_ids=()).text
+    assert texts == [runtime_model.generate("Hello", temperature=1.0, seed=40 + j, max_new_tokens=8,
+                                            stop_token_ids=()).text
                      for j in range(3)]
     assert all(c.finish_reason == "length" for c in got.choices)  # ignore_eos: the budget always runs out
     assert got.usage.prompt_tokens == len(runtime_model.encode("Hello")) and got.usage.completion_tokens == 24
@@ -131,8 +132,8 @@ def test_eight_concurrent_streams_each_equal_a_solo_run(server, client, runtime_
     got: dict[int, str] = {}
 
     def one(i: int) -> None:
-        stream = client.completions.create(model="tiny", prompt=prompts[i], temperature=0.9, seed=i, max_tokens=12 + 3 * i,
-                                           stream=True)
+        stream = client.completions.create(model="tiny", prompt=prompts[i], temperature=0.9, seed=i,
+                                           max_tokens=12 + 3 * i, stream=True)
         got[i] = "".join(c.choices[0].text for c in stream if c.choices)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]

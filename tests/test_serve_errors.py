@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_util import live_server, wait_ready
 
 from gptedge.runtime.serve.app import State
+from serve_util import live_server, wait_ready
 
 OK = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -24,7 +24,8 @@ CASES = [
     ("model not a string", "/v1/completions", {**OK, "model": 3}, 400, None, "model"),
     ("negative max_tokens", "/v1/completions", {**OK, "max_tokens": -5}, 400, None, "max_tokens"),
     ("max_tokens a string", "/v1/completions", {**OK, "max_tokens": "10"}, 400, None, "max_tokens"),
-    ("max_tokens past the context", "/v1/completions", {**OK, "max_tokens": 10_000}, 400, "context_length_exceeded", "prompt"),
+    ("max_tokens past the context", "/v1/completions", {**OK, "max_tokens": 10_000}, 400, "context_length_exceeded",
+     "prompt"),
     ("max_completion_tokens zero", "/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, None,
      "max_completion_tokens"),
     ("temperature negative", "/v1/completions", {**OK, "temperature": -1}, 400, None, "temperature"),
@@ -90,7 +91,8 @@ def test_routes_sizes_and_slow_clients(server: str) -> None:
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     port = int(server.rsplit(":", 1)[1])
     slow = socket.create_connection(("127.0.0.1", port))
-    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
     assert _post(server, "/v1/completions", OK).status_code == 200  # others are served while one client dawdles
     slow.settimeout(10)
     reply = slow.recv(4096).decode()

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from serve_util import live_server, wait_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -33,8 +33,8 @@ def test_encode_decode_round_trips_any_text(tok: Tokenizer, text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   leading spaces", "中文字符和标点，。", "emoji 🎉👩‍👩‍👧 flags 🇫🇷", "tabs\tand\r\nnewlines\n\n", "\x00\x01\x7f\u200b",
-     "ascii mixed with 日本語 and العربية", "def f():\n\treturn '🐍'\n"],
+    ["", "   leading spaces", "中文字符和标点，。", "emoji 🎉👩‍👩‍👧 flags 🇫🇷", "tabs\tand\r\nnewlines\n\n",
+     "\x00\x01\x7f\u200b", "ascii mixed with 日本語 and العربية", "def f():\n\treturn '🐍'\n"],
 )
 def test_hard_strings_round_trip(tok: Tokenizer, text: str) -> None:
     ids = encode(tok, text)

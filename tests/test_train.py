@@ -16,13 +16,17 @@ from gptedge.cli import main
 from gptedge.errors import CheckpointError, DataError, UsageError
 from gptedge.train import data as D
 from gptedge.train.checkpoint import (
-    TRAINER_STATE, is_checkpoint, load_checkpoint, load_trainer_state, read_config, save_checkpoint,
+    TRAINER_STATE,
+    is_checkpoint,
+    load_checkpoint,
+    load_trainer_state,
+    read_config,
+    save_checkpoint,
 )
 from gptedge.train.ddp import DistEnv, pick_device
 from gptedge.train.presets import PRESETS, get_preset
 from gptedge.train.tokenizer import load_tokenizer, train_tokenizer
 from gptedge.train.trainer import TrainConfig, _param_groups, iter_metrics, lr_at, resolve_config, train
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -269,7 +273,8 @@ def test_presets_resolve_and_unknown_preset_lists_them() -> None:
         assert cfg.block_size == PRESETS[name]["block_size"] and cfg.steps >= 1 and cfg.n_embd % cfg.n_head == 0
     cfg, _ = resolve_config(TrainConfig(out="x", preset="tiny", steps=3, block_size=32))
     assert (cfg.steps, cfg.block_size, cfg.n_layer) == (3, 32, 2)  # explicit options win over the preset
-    with pytest.raises(UsageError, match="unknown preset 'huge'; choose one of: tiny, small, tiny-llama, small-llama, gpt2"):
+    with pytest.raises(UsageError,
+                       match="unknown preset 'huge'; choose one of: tiny, small, tiny-llama, small-llama, gpt2"):
         get_preset("huge")
 
 
@@ -344,7 +349,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(kind: str, tmp_path: Pat
     args, message = _bad_input(kind, tmp_path, train_corpus, train_ckpt)
     out = tmp_path / "out"
     preset = [] if "--preset" in args else ["--preset", "tiny"]
-    rc = main(["train", *args, *preset, "--out", str(out), "--steps", "2", "--cache-dir", str(train_cache), "--no-progress"])
+    rc = main(["train", *args, *preset, "--out", str(out), "--steps", "2", "--cache-dir", str(train_cache),
+               "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("gptedge train: error:")]
@@ -373,16 +379,18 @@ def test_existing_output_needs_force(train_corpus: Path, train_cache: Path, tmp_
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_tiny_preset_learns_well_below_the_unigram_baseline(train_corpus: Path, train_cache: Path, tmp_path: Path) -> None:
+def test_tiny_preset_learns_well_below_the_unigram_baseline(train_corpus: Path, train_cache: Path,
+                                                            tmp_path: Path) -> None:
     # 120 steps of 16 windows: about 2 passes over the 33k training tokens.
-    out = train(TrainConfig(out=str(tmp_path / "learn"), data=[str(train_corpus)], preset="tiny", steps=120, batch_size=16,
-                            vocab_size=384, eval_every=0, cache_dir=str(train_cache), progress=False))
+    out = train(TrainConfig(out=str(tmp_path / "learn"), data=[str(train_corpus)], preset="tiny", steps=120,
+                            batch_size=16, vocab_size=384, eval_every=0, cache_dir=str(train_cache), progress=False))
     meta = read_config(out)
     # A context-free model cannot beat the unigram entropy; the transformer must use the context to get below it.
     assert meta["val_loss"] < meta["unigram_entropy"] - 0.1, (meta["val_loss"], meta["unigram_entropy"])
 
 
-def test_a_diverging_run_stops_with_advice_and_saves_no_nan_weights(train_corpus: Path, train_cache: Path, tmp_path: Path) -> None:
+def test_a_diverging_run_stops_with_advice_and_saves_no_nan_weights(train_corpus: Path, train_cache: Path,
+                                                                    tmp_path: Path) -> None:
     from gptedge.errors import TrainingDiverged
 
     out = tmp_path / "nan"

@@ -95,7 +95,8 @@ def external(location: str, length: int | None = None, offset: int = 0) -> Calla
 
 # -- paths that escape the bundle --------------------------------------------------------------------------------
 @pytest.mark.parametrize("listed", ["../outside.txt", "{abs}"], ids=["dot-dot", "absolute"])
-def test_spec_listing_a_file_outside_the_bundle_is_refused(runtime_bundle: Path, tmp_path: Path, no_onnxruntime, listed) -> None:
+def test_spec_listing_a_file_outside_the_bundle_is_refused(runtime_bundle: Path, tmp_path: Path, no_onnxruntime,
+                                                           listed) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("a file the bundle must not make us read")
     folder = copy_bundle(runtime_bundle, tmp_path / "bundle")
@@ -115,7 +116,8 @@ def _secret(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlink"])
 @pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
-def test_external_data_outside_the_bundle_is_refused(runtime_bundle: Path, tmp_path: Path, no_onnxruntime, how, verify) -> None:
+def test_external_data_outside_the_bundle_is_refused(runtime_bundle: Path, tmp_path: Path, no_onnxruntime, how,
+                                                     verify) -> None:
     secret = _secret(tmp_path)
     folder = copy_bundle(runtime_bundle, tmp_path / "bundle")
     location = {"dot-dot": "../secret.bin", "absolute": str(secret), "symlink": "weights.bin"}[how]
@@ -128,7 +130,8 @@ def test_external_data_outside_the_bundle_is_refused(runtime_bundle: Path, tmp_p
 
 
 def test_hostile_optimum_folder_is_scanned_too(runtime_bundle: Path, tmp_path: Path, no_onnxruntime) -> None:
-    """A folder without gptedge.json (loaded as a Hugging Face Optimum export) has no checksums, but the scan still runs."""
+    """A folder without gptedge.json (loaded as a Hugging Face Optimum export) has no checksums,
+    but the scan still runs."""
     _secret(tmp_path)
     folder = tmp_path / "optimum"
     folder.mkdir()
@@ -144,7 +147,8 @@ def test_hostile_optimum_folder_is_scanned_too(runtime_bundle: Path, tmp_path: P
 def test_hf_shard_index_pointing_outside_is_refused(tmp_path: Path, runtime_checkpoint: Path) -> None:
     folder = _hf_folder(tmp_path / "hf", runtime_checkpoint)
     shutil.copyfile(runtime_checkpoint / "model.safetensors", tmp_path / "stolen.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"transformer.wte.weight": "../stolen.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"transformer.wte.weight": "../stolen.safetensors"}}))
     from gptedge.export.exporter import export_bundle
 
     with pytest.raises(CheckpointError, match="names shards that are missing"):
@@ -153,7 +157,8 @@ def test_hf_shard_index_pointing_outside_is_refused(tmp_path: Path, runtime_chec
 
 
 # -- tampering -----------------------------------------------------------------------------------------------------
-def test_flipped_weight_byte_is_refused_before_onnxruntime(runtime_bundle: Path, tmp_path: Path, no_onnxruntime) -> None:
+def test_flipped_weight_byte_is_refused_before_onnxruntime(runtime_bundle: Path, tmp_path: Path,
+                                                           no_onnxruntime) -> None:
     folder = copy_bundle(runtime_bundle, tmp_path / "bundle")
     data = bytearray((folder / "model.onnx.data").read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one weight
@@ -200,7 +205,8 @@ def _bare_pickle(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps({"payload": Payload(marker)}))
 
 
-@pytest.mark.parametrize("writer", [_zip_pickle, _legacy_pickle, _bare_pickle], ids=["torch-zip", "torch-legacy", "bare-pickle"])
+@pytest.mark.parametrize("writer", [_zip_pickle, _legacy_pickle, _bare_pickle],
+                         ids=["torch-zip", "torch-legacy", "bare-pickle"])
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_pickle_in_hf_weights_never_runs(tmp_path: Path, runtime_checkpoint: Path, writer, layout) -> None:
     from gptedge.export.exporter import export_bundle
@@ -232,7 +238,8 @@ def test_poisoned_token_cache_is_not_unpickled(tmp_path: Path) -> None:
     sources = lambda: D.Sources(texts=[text], n_files=1, n_bytes=len(text))  # noqa: E731
     first = D.load_or_build_tokens(tmp_path / "cache", "key", sources, tok)
     expected = np.asarray(first.tokens).copy()
-    np.save(tmp_path / "cache" / "tokens" / "key" / "tokens.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "cache" / "tokens" / "key" / "tokens.npy", np.array([Payload(marker)], dtype=object),
+            allow_pickle=True)
     try:
         again = D.load_or_build_tokens(tmp_path / "cache", "key", sources, tok)
     except DataError as exc:  # refusing (and saying which folder to delete) is as good as rebuilding
@@ -283,7 +290,8 @@ TERABYTE_TENSORS = {f.__name__.lstrip("_"): f for f in
 
 
 @pytest.mark.parametrize("name", list(TERABYTE_TENSORS))
-def test_impossible_tensor_shape_is_refused_before_any_allocation(runtime_bundle: Path, tmp_path: Path, no_onnxruntime, name) -> None:
+def test_impossible_tensor_shape_is_refused_before_any_allocation(runtime_bundle: Path, tmp_path: Path, no_onnxruntime,
+                                                                  name) -> None:
     folder = copy_bundle(runtime_bundle, tmp_path / "bundle")
     edit_initializer(folder, TERABYTE_TENSORS[name])
     rewrite_spec(folder)
@@ -293,7 +301,8 @@ def test_impossible_tensor_shape_is_refused_before_any_allocation(runtime_bundle
 
 @pytest.mark.parametrize("arch", [
     dict(n_layer=1 << 22),  # each size within the plausible bound, but not this graph
-    dict(n_head=2048, n_kv_head=2048, head_dim=2048, n_embd=1 << 22),  # would mean a 1 GiB KV buffer per layer and token block
+    # would mean a 1 GiB KV buffer per layer and token block
+    dict(n_head=2048, n_kv_head=2048, head_dim=2048, n_embd=1 << 22),
     dict(vocab_size=1 << 22),
     dict(context_length=1 << 22),  # the graph's position table has 128 rows
 ], ids=["layers", "heads", "vocab", "context"])
@@ -321,7 +330,8 @@ def address_space_cap(extra: int) -> Iterator[None]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to cap the address space safely")
-def test_checkpoint_config_with_absurd_sizes_is_refused_before_allocating(runtime_checkpoint: Path, tmp_path: Path) -> None:
+def test_checkpoint_config_with_absurd_sizes_is_refused_before_allocating(runtime_checkpoint: Path,
+                                                                          tmp_path: Path) -> None:
     """config.json says a model of 64 layers x 65536 wide (~3 TB of fp32); the weights file is the small real one."""
     from gptedge.export.exporter import export_bundle
 
@@ -330,7 +340,8 @@ def test_checkpoint_config_with_absurd_sizes_is_refused_before_allocating(runtim
     config = json.loads((source / "config.json").read_text())
     config["model"].update(n_layer=64, n_head=64, n_embd=1 << 16)
     (source / "config.json").write_text(json.dumps(config))
-    with address_space_cap(1 << 30), stays_small(), pytest.raises(CheckpointError, match="does not match its config.json"):
+    with address_space_cap(1 << 30), stays_small(), pytest.raises(
+            CheckpointError, match="does not match its config.json"):
         export_bundle(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -49,13 +49,16 @@ def read_config(path: str | Path) -> dict[str, Any]:
     try:
         cfg = json.loads((path / CONFIG).read_text())
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path} has no {CONFIG}; it is not a gptedge checkpoint (pass the folder `gptedge train --out` wrote)") from exc
+        raise CheckpointError(f"{path} has no {CONFIG}; it is not a gptedge checkpoint "
+                              "(pass the folder `gptedge train --out` wrote)") from exc
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / CONFIG} is unreadable or not JSON ({exc}); restore the checkpoint or retrain") from exc
+        raise CheckpointError(f"{path / CONFIG} is unreadable or not JSON ({exc}); "
+                              "restore the checkpoint or retrain") from exc
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gptedge checkpoint (config.json lacks \"format\": \"{FORMAT}\")")
     if cfg.get("version") != VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {cfg.get('version')}; this gptedge reads version {VERSION}, upgrade gptedge")
+        raise CheckpointError(f"{path} is checkpoint version {cfg.get('version')}; "
+                              f"this gptedge reads version {VERSION}, upgrade gptedge")
     return cfg
 
 
@@ -99,7 +102,8 @@ def _check_shapes(file: Path, have: dict[str, tuple[int, ...]], expected: dict[s
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys
         )
-        raise CheckpointError(f"{file} does not match its config.json ({detail}); the checkpoint is damaged or mixed up, retrain")
+        raise CheckpointError(f"{file} does not match its config.json ({detail}); "
+                              "the checkpoint is damaged or mixed up, retrain")
 
 
 def _open_error(file: Path, exc: Exception) -> CheckpointError:
@@ -143,7 +147,8 @@ def load_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
     try:
         gpt_config = GPTConfig.from_dict(cfg["model"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{Path(path) / CONFIG} has an invalid \"model\" entry ({exc}); restore the checkpoint or retrain") from exc
+        raise CheckpointError(f"{Path(path) / CONFIG} has an invalid \"model\" entry ({exc}); "
+                              "restore the checkpoint or retrain") from exc
     check_weight_shapes(gpt_config, path)
     model = GPT(gpt_config)
     load_weights(model, path)
@@ -154,16 +159,19 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """trainer_state.pt, loaded with weights_only=True: tensors and plain Python values only, never code."""
     file = Path(path) / TRAINER_STATE
     if not file.is_file():
-        raise CheckpointError(f"{file} not found; this checkpoint cannot be resumed (use --init-from to fine-tune from its weights)")
+        raise CheckpointError(f"{file} not found; this checkpoint cannot be resumed "
+                              "(use --init-from to fine-tune from its weights)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{file} contains Python objects other than tensors and plain values and was refused (loading it could run code); "
-            "it was not written by gptedge: use a checkpoint you trust, or --init-from to start from its weights only"
+            f"{file} contains Python objects other than tensors and plain values and was refused "
+            "(loading it could run code); it was not written by gptedge: use a checkpoint you trust, "
+            "or --init-from to start from its weights only"
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{file} is damaged ({str(exc).splitlines()[0]}); use --init-from, or an earlier checkpoint") from exc
+        raise CheckpointError(f"{file} is damaged ({str(exc).splitlines()[0]}); use --init-from, "
+                              "or an earlier checkpoint") from exc
     if not isinstance(state, dict) or not {"step", "optimizer", "sampler", "rng"} <= set(state):
         raise CheckpointError(f"{file} is not a gptedge trainer state; use --init-from to start from the weights only")
     return state

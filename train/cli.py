@@ -26,21 +26,28 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "(loss on completions only); none: the Python standard library's source")
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
     parser.add_argument("--preset", metavar="NAME",
-                        help="model size with matching training settings: tiny (seconds, for tests), small (minutes on a "
-                             "laptop CPU; default), gpt2 (124M, for GPUs); tiny-llama and small-llama are the same "
+                        help="model size with matching training settings: tiny (seconds, for tests), small (minutes on "
+                             "a laptop CPU; default), gpt2 (124M, for GPUs); tiny-llama and small-llama are the same "
                              "sizes as Llama-style models (rotary positions, RMSNorm, SwiGLU, grouped KV heads)")
-    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps of the whole run (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass on each process (default: the preset's)")
-    parser.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches accumulated into one step (default: the preset's)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="optimizer steps of the whole run (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="windows per forward pass on each process (default: the preset's)")
+    parser.add_argument("--grad-accum", type=int, metavar="N",
+                        help="micro-batches accumulated into one step (default: the preset's)")
     parser.add_argument("--block-size", type=int, metavar="N", help="context length in tokens (default: the preset's)")
-    parser.add_argument("--vocab-size", type=int, metavar="N", help="tokenizer vocabulary to train (default: the preset's)")
+    parser.add_argument("--vocab-size", type=int, metavar="N",
+                        help="tokenizer vocabulary to train (default: the preset's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; smaller when fine-tuning)")
-    parser.add_argument("--warmup", type=int, metavar="N", help="linear warmup steps before the cosine decay (default: the preset's)")
+    parser.add_argument("--warmup", type=int, metavar="N",
+                        help="linear warmup steps before the cosine decay (default: the preset's)")
     parser.add_argument("--dropout", type=float, help="dropout while training (default: 0)")
     parser.add_argument("--eval-every", type=int, metavar="N",
-                        help="validation loss and a checkpoint every N steps; 0: only at the end (default: the preset's)")
+                        help="validation loss and a checkpoint every N steps; 0: only at the end "
+                             "(default: the preset's)")
     parser.add_argument("--eval-batches", type=int, metavar="N", help="batches per validation (default: the preset's)")
-    parser.add_argument("--resume", metavar="CKPT", help="continue this checkpoint's run exactly (use a larger --steps to extend it)")
+    parser.add_argument("--resume", metavar="CKPT",
+                        help="continue this checkpoint's run exactly (use a larger --steps to extend it)")
     parser.add_argument("--init-from", metavar="CKPT",
                         help="fine-tune: start from this checkpoint's weights and tokenizer, fresh optimizer, step 0")
     parser.add_argument("--stop-after", type=int, metavar="N",
@@ -51,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="CPU threads for PyTorch (default: one per physical core; 1 per process under torchrun)")
     parser.add_argument("--seed", type=int, help="seed for weights, batches and every RNG (default: 1337)")
     parser.add_argument("--max-corpus-bytes", type=int, metavar="N",
-                        help="read at most N bytes of input (default: the preset's cap for the stdlib corpus, none for your data)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="tokenizer and token-id cache (default: $GPTEDGE_CACHE or ~/.cache/gptedge)")
+                        help="read at most N bytes of input (default: the preset's cap for the stdlib corpus, "
+                             "none for your data)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="tokenizer and token-id cache (default: $GPTEDGE_CACHE or ~/.cache/gptedge)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -63,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     given = vars(args)
     names = ("preset", "steps", "batch_size", "grad_accum", "block_size", "vocab_size", "lr", "warmup", "dropout",
-             "eval_every", "eval_batches", "resume", "init_from", "stop_after", "seed", "max_corpus_bytes", "cache_dir", "threads")
+             "eval_every", "eval_batches", "resume", "init_from", "stop_after", "seed", "max_corpus_bytes", "cache_dir",
+             "threads")
     return TrainConfig(
         out=args.out, data=list(given.get("data", [])), device=given.get("device", "auto"),
         progress=not given.get("no_progress", False), force=given.get("force", False),

@@ -76,7 +76,8 @@ def resolve_inputs(specs: Sequence[str]) -> list[Path]:
         elif any(c in spec for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
             if not matches:
-                raise DataError(f"the pattern {spec!r} matches no files; check the pattern (quote it so the shell does not expand it)")
+                raise DataError(f"the pattern {spec!r} matches no files; "
+                                "check the pattern (quote it so the shell does not expand it)")
         else:
             raise DataError(f"{spec} does not exist; pass text files, folders, globs or .jsonl files")
         if path.is_dir() and not matches:
@@ -122,9 +123,12 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[str, str]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {{\"prompt\": ..., \"completion\": ...}}") from exc
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str)):
-            raise DataError(f"{path}:{lineno}: each line must be an object with string fields \"prompt\" and \"completion\"")
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
+                            "each line must be {\"prompt\": ..., \"completion\": ...}") from exc
+        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
+                and isinstance(obj.get("completion"), str)):
+            raise DataError(f"{path}:{lineno}: each line must be an object "
+                            "with string fields \"prompt\" and \"completion\"")
         examples.append((obj["prompt"], obj["completion"]))
     return examples
 
@@ -164,9 +168,11 @@ def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Calla
         more = f" and {len(src.skipped) - 5} more" if len(src.skipped) > 5 else ""
         log(f"skipped {len(src.skipped)} file(s) that are not UTF-8 text: {shown}{more}")
     if src.n_files == 0 and src.skipped:
-        raise DataError(f"none of the {len(src.skipped)} input file(s) is UTF-8 text; convert them to UTF-8 or pass text files")
+        raise DataError(f"none of the {len(src.skipped)} input file(s) is UTF-8 text; "
+                        "convert them to UTF-8 or pass text files")
     if not src.texts and not src.examples:
-        raise DataError("the training data is empty; pass files that contain text (or no DATA for the standard-library corpus)")
+        raise DataError("the training data is empty; "
+                        "pass files that contain text (or no DATA for the standard-library corpus)")
     return src
 
 
@@ -280,9 +286,9 @@ def check_fits(train: TokenData, val: TokenData, block_size: int) -> None:
     """Both splits need at least one full window of block_size + 1 tokens."""
     if len(train.tokens) <= block_size or len(val.tokens) <= block_size:
         raise DataError(
-            f"block size {block_size} is larger than the data allows: the train split has {len(train.tokens)} tokens and "
-            f"the validation split {len(val.tokens)}, each needs more than {block_size}; add more text, lower --block-size, "
-            "or use a smaller --preset"
+            f"block size {block_size} is larger than the data allows: the train split has {len(train.tokens)} tokens "
+            f"and the validation split {len(val.tokens)}, each needs more than {block_size}; add more text, lower "
+            "--block-size, or use a smaller --preset"
         )
 
 

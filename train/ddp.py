@@ -52,15 +52,18 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() and not env.enabled else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but this PyTorch has no usable CUDA GPU; use --device auto or cpu")
+            raise UsageError("--device cuda was asked for but this PyTorch has no usable CUDA GPU; "
+                             "use --device auto or cpu")
         if env.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); use fewer processes per node")
+            raise UsageError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                             "use fewer processes per node")
         return torch.device("cuda", env.local_rank)
     if name == "mps":
         if not _mps_available():
             raise UsageError("--device mps was asked for but MPS is not available; use --device auto or cpu")
         if env.enabled:
-            raise UsageError("multi-process training on MPS is not supported by PyTorch; run one process or use --device cpu")
+            raise UsageError("multi-process training on MPS is not supported by PyTorch; "
+                             "run one process or use --device cpu")
     return torch.device(name)
 
 

@@ -111,7 +111,8 @@ class GPTConfig:
         for name in ("qkv_bias", "proj_bias", "mlp_bias"):
             if getattr(self, name) is None:
                 setattr(self, name, self.bias)
-        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("gelu_approximate", ("tanh", "none"))):
+        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS),
+                              ("gelu_approximate", ("tanh", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.positions == "rope":
@@ -179,7 +180,8 @@ def rope_tables(c: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of the last dim (Llama's non-interleaved layout): x [..., S, D], cos/sin broadcast to [..., S, D/2]."""
+    """Rotate halves of the last dim (Llama's non-interleaved layout):
+    x [..., S, D], cos/sin broadcast to [..., S, D/2]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -410,7 +412,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     def build_rope(self) -> None:
-        """(Re)compute the rotary tables: they are derived from the config, never saved (call after a meta-device build)."""
+        """(Re)compute the rotary tables: they are derived from the config, never saved
+        (call after a meta-device build)."""
         if self.config.positions == "rope":
             cos, sin = rope_tables(self.config, self.config.block_size)
             self.rope_cos, self.rope_sin = cos, sin

@@ -56,7 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The "tiny" and "small" runs as Llama-style models (two query heads per KV head): same sizes and settings.
 PRESETS["tiny-llama"] = {**PRESETS["tiny"], "architecture": llama_style(64, 1)}
 PRESETS["small-llama"] = {**PRESETS["small"], "architecture": llama_style(128, 2)}
-PRESETS = {name: PRESETS[name] for name in ("tiny", "small", "tiny-llama", "small-llama", "gpt2")}  # listed in this order
+# listed in this order
+PRESETS = {name: PRESETS[name] for name in ("tiny", "small", "tiny-llama", "small-llama", "gpt2")}
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 

@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gptedge import __version__  # noqa: E402
 from gptedge.atomic import atomic_write_bytes  # noqa: E402
-from gptedge.errors import TrainingDiverged, CheckpointError, OutputExistsError, UsageError  # noqa: E402
+from gptedge.errors import CheckpointError, OutputExistsError, TrainingDiverged, UsageError  # noqa: E402
 from gptedge.train import checkpoint as ckpt  # noqa: E402
 from gptedge.train import data as D  # noqa: E402
 from gptedge.train import ddp  # noqa: E402
@@ -136,14 +136,16 @@ def _check_shape(config: TrainConfig, source: str, meta: dict[str, Any]) -> None
     if diff:
         raise CheckpointError(
             f"checkpoint {source} has an incompatible model shape ({', '.join(diff)} asked for); "
-            "drop the shape options/--preset to keep the checkpoint's shape, or train a new model without --resume/--init-from"
+            "drop the shape options/--preset to keep the checkpoint's shape, "
+            "or train a new model without --resume/--init-from"
         )
 
 
 def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     """Fill every None from the preset or the checkpoint; validate; return it with the checkpoint's config.json."""
     if config.resume and config.init_from:
-        raise UsageError("--resume and --init-from exclude each other: resume continues a run, init-from fine-tunes from its weights")
+        raise UsageError("--resume and --init-from exclude each other: resume continues a run, "
+                         "init-from fine-tunes from its weights")
     source = config.resume or config.init_from
     meta = ckpt.read_config(source) if source else None
     explicit = _explicit(config)
@@ -168,7 +170,8 @@ def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | N
 
 
 def _validate(cfg: TrainConfig) -> None:
-    positive = ("steps", "batch_size", "grad_accum", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "eval_batches")
+    positive = ("steps", "batch_size", "grad_accum", "block_size", "vocab_size", "n_layer", "n_head", "n_embd",
+                "eval_batches")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
@@ -222,7 +225,8 @@ class Prepared:
     val: D.TokenData
 
 
-def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None, log: Callable[[str], None]) -> Prepared:
+def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None,
+                 log: Callable[[str], None]) -> Prepared:
     """Find and read the inputs, train (or reuse) the tokenizer, tokenize into the cache, split."""
     files = D.resolve_inputs(cfg.data) if cfg.data else D.stdlib_files()
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else D.default_cache_dir()
@@ -239,7 +243,8 @@ def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None,
         path = cache_dir / "tokenizers" / f"{key}.json"
         if not path.is_file():
             src = sources()
-            log(f"training a {cfg.vocab_size}-token BPE tokenizer on {src.n_bytes / 1e6:.1f} MB from {src.n_files} file(s)")
+            log(f"training a {cfg.vocab_size}-token BPE tokenizer on {src.n_bytes / 1e6:.1f} MB "
+                f"from {src.n_files} file(s)")
             tok = train_tokenizer(src.training_texts(), cfg.vocab_size)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, tok.to_str().encode("utf-8"))
@@ -253,7 +258,8 @@ def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None,
     key = D.cache_key(fp, tokenizer_json)
     tokens = ddp.rank0_first(env, lambda: D.load_or_build_tokens(cache_dir, key, sources, tok))
     if tokens.meta["n_skipped"] and not memo:
-        log(f"gptedge: warning: {tokens.meta['n_skipped']} input file(s) are not UTF-8 and were skipped (cached result)")
+        log(f"gptedge: warning: {tokens.meta['n_skipped']} input file(s) are not UTF-8 "
+            "and were skipped (cached result)")
     train_data, val_data = tokens.split(cfg.val_fraction)
     D.check_fits(train_data, val_data, cfg.block_size)
     return Prepared(tokenizer_json, tok.get_vocab_size(), train_data, val_data)
@@ -280,7 +286,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["algo"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["algo"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -334,7 +341,8 @@ def _check_out(cfg: TrainConfig) -> Path:
     out = Path(cfg.out).resolve()
     resuming_in_place = cfg.resume is not None and Path(cfg.resume).resolve() == out
     if out.exists() and not cfg.force and not resuming_in_place:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it, --resume {cfg.out} to continue it, or choose another --out")
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it, --resume {cfg.out} to continue it, "
+                                "or choose another --out")
     return out
 
 
@@ -398,24 +406,28 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
 
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     A, B, W, T = cfg.grad_accum, cfg.batch_size, env.world_size, cfg.block_size
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
-        f"context {T}, vocab {model.config.vocab_size}) on {device}{f' x {W} processes' if W > 1 else ''}")
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_head} heads, width "
+        f"{cfg.n_embd}, context {T}, vocab {model.config.vocab_size}) "
+        f"on {device}{f' x {W} processes' if W > 1 else ''}")
     log(f"data: {len(prep.train.tokens):,} training and {len(prep.val.tokens):,} validation tokens; "
         f"{A * B * W * T:,} tokens per step; steps {step} -> {end}")
 
-    def save(final: bool, val_loss: float | None, train_loss: float | None = None, extra: dict[str, Any] | None = None) -> None:
+    def save(final: bool, val_loss: float | None, train_loss: float | None = None,
+             extra: dict[str, Any] | None = None) -> None:
         if not env.is_main:
             return
         state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state()}
         info = {"train": asdict(cfg), "step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
                 "train_loss": train_loss, "final": final, "gptedge_version": __version__,
-                "data": {**prep.train.meta, "n_train_tokens": len(prep.train.tokens), "n_val_tokens": len(prep.val.tokens)},
+                "data": {**prep.train.meta, "n_train_tokens": len(prep.train.tokens),
+                         "n_val_tokens": len(prep.val.tokens)},
                 **(extra or {})}
         metrics = "".join(json.dumps(r) + "\n" for r in history)
         ckpt.save_checkpoint(out, model, info, prep.tokenizer_json, state, force=True, extra_files={METRICS: metrics})
 
-    bar = tqdm(total=end, initial=step, disable=not (env.is_main and cfg.progress), unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=end, initial=step, disable=not (env.is_main and cfg.progress), unit="step", dynamic_ncols=True,
+               file=sys.stderr)
     train_time, session_tokens = 0.0, 0
     while step < end:
         t0 = time.perf_counter()
@@ -440,8 +452,8 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
         if not math.isfinite(step_loss):
             bar.close()  # every rank sees the same reduced loss, so all stop together; no checkpoint of NaN weights
             raise TrainingDiverged(
-                f"the training loss became {step_loss} at step {step + 1}; lower --lr (now {cfg.lr:g}) or raise --warmup, "
-                "then start again or --resume the last good checkpoint"
+                f"the training loss became {step_loss} at step {step + 1}; lower --lr (now {cfg.lr:g}) or raise "
+                "--warmup, then start again or --resume the last good checkpoint"
             )
         step += 1
         tokens_seen += A * B * W * T

@@ -90,7 +90,8 @@ def _get(body: dict, name: str, types: tuple, default: Any = None, what: str = "
     if value is None:
         return default
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise bad(f"'{name}' must be {what or ' or '.join(t.__name__ for t in types)}, got {type(value).__name__}", name)
+        raise bad(f"'{name}' must be {what or ' or '.join(t.__name__ for t in types)}, got {type(value).__name__}",
+                  name)
     return value
 
 
@@ -189,7 +190,8 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             raise bad(f"messages[{i}] must be an object", "messages")
         content = m.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
                 raise bad(f"messages[{i}].content parts must all be {{'type': 'text', 'text': ...}}; "
                           "this server takes text only", "messages")
             content = "".join(p["text"] for p in content)
@@ -254,8 +256,9 @@ def build_plan(kind: str, body: Any, served) -> Plan:
         else:
             reason = "length"
         if room < 1 or max_tokens > room:
-            raise bad(f"this request needs {len(ids)} prompt tokens + {common['max_tokens'] or 1} new ones, more than the "
-                      f"{served.capacity} positions a sequence holds here; shorten the prompt or lower {common['max_name']}",
+            raise bad(f"this request needs {len(ids)} prompt tokens + {common['max_tokens'] or 1} new ones, more than "
+                      f"the {served.capacity} positions a sequence holds here; "
+                      f"shorten the prompt or lower {common['max_name']}",
                       "messages" if kind == "chat" else "prompt", "context_length_exceeded")
         for j in range(common["n"]):
             sampling = dict(common["sampling"])

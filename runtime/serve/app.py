@@ -142,7 +142,8 @@ async def _read_json(request: Request, limit: int, timeout: float) -> Any:
     try:
         raw = await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
-        raise api.ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+        raise api.ApiError(408, f"the request body did not arrive within {timeout:g} s",
+                           code="request_timeout") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -179,7 +180,8 @@ class Run:
                 self.handles.append(served.batcher.submit(
                     seq,
                     lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, step, None, None)),
-                    lambda result, error, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, None, result, error)),
+                    lambda result, error, i=c.index: loop.call_soon_threadsafe(
+                        self.queue.put_nowait, (i, None, result, error)),
                 ))
         except QueueFull as exc:
             self.cancel()
@@ -211,8 +213,8 @@ async def _watch_disconnect(request: Request, run: Run) -> None:
 
 def _logprobs(run: Run, entries, offset: int = 0) -> dict[str, Any]:
     s = run.served
-    return api.logprobs_object(run.plan.kind, entries, s.token_text, lambda t, text: token_bytes(s.model.tokenizer, t, text),
-                               offset)
+    return api.logprobs_object(run.plan.kind, entries, s.token_text,
+                               lambda t, text: token_bytes(s.model.tokenizer, t, text), offset)
 
 
 async def _answer(request: Request, run: Run) -> JSONResponse:
@@ -239,7 +241,8 @@ async def _answer(request: Request, run: Run) -> JSONResponse:
         choices.append(choice)
     completion = sum(len(r.token_ids) for r in results.values())
     return JSONResponse({
-        "id": plan.id, "object": "chat.completion" if plan.kind == "chat" else "text_completion", "created": plan.created,
+        "id": plan.id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+        "created": plan.created,
         "model": run.served.name, "choices": choices, "usage": api.usage(plan.prompt_tokens, completion),
         "system_fingerprint": "gptedge",
     })
@@ -255,7 +258,8 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
         if index is not None:
             c: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
             if plan.kind == "chat":
-                c["delta"] = ({"role": "assistant", "content": ""} if first else {} if text is None else {"content": text})
+                c["delta"] = ({"role": "assistant", "content": ""} if first
+                              else {} if text is None else {"content": text})
             else:
                 c["text"] = text or ""
             body["choices"] = [c]
@@ -291,7 +295,8 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
                 yield chunk(index, tail if plan.kind != "chat" or tail else None, api.finish_reason(result))
             if plan.include_usage:
                 final = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
-                         "system_fingerprint": "gptedge", "choices": [], "usage": api.usage(plan.prompt_tokens, completion)}
+                         "system_fingerprint": "gptedge", "choices": [],
+                         "usage": api.usage(plan.prompt_tokens, completion)}
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -354,7 +359,8 @@ def create_app(config: ServeConfig, state: State | None = None) -> Starlette:
 
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("gptedge serve: unexpected error")
-        return error_response(api.ApiError(500, f"internal error ({type(exc).__name__}); see the server log", "server_error"))
+        return error_response(api.ApiError(500, f"internal error ({type(exc).__name__}); see the server log",
+                                           "server_error"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

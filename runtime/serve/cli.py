@@ -14,7 +14,8 @@ from gptedge.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("bundle", nargs="+", help="bundle folders to serve; a model's name is its folder name, or NAME=PATH")
+    parser.add_argument("bundle", nargs="+",
+                        help="bundle folders to serve; a model's name is its folder name, or NAME=PATH")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (set --api-key then)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (0 picks a free one)")
@@ -42,7 +43,8 @@ def parse_bundles(items: list[str]) -> list[tuple[str, Path]]:
             raise UsageError(f"{item!r}: give a bundle folder, or NAME=PATH")
         folder = Path(path)
         if not folder.is_dir():
-            raise UsageError(f"{folder} is not a bundle folder; pass the folder `gptedge export` or `gptedge quantize` wrote")
+            raise UsageError(f"{folder} is not a bundle folder; "
+                             "pass the folder `gptedge export` or `gptedge quantize` wrote")
         if name in out:
             raise UsageError(f"two bundles are named {name!r}; name them apart with NAME=PATH")
         out[name] = folder
@@ -69,7 +71,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(info[4])
         sock.listen(128)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from None
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                         "pick another --port or --host") from None
     return sock
 
 
