@@ -42,8 +42,9 @@ _REPLACEMENT = "\ufffd"
 def token_count(tokenizer: Tokenizer) -> int:
     """Entries in the tokenizer, added tokens included: ids at or above it have no text.
 
-    Cached because `get_vocab_size` walks the whole vocabulary (~12 ms for 50k entries), which
-    would otherwise land on every generation's time to first token.
+    Cached because `get_vocab_size` walks the whole vocabulary (the time for 50k entries is in
+    benchmarks/results/runtime-choices.json), which would otherwise land on every generation's time
+    to first token.
     """
     return tokenizer.get_vocab_size(with_added_tokens=True)
 

@@ -32,10 +32,10 @@ def kv_capacity(needed: int, context: int, multiple: int = KV_ROUNDING) -> int:
 def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
     """Run the prompt in runs of at most `chunk` tokens; logits row [V] for the next token.
 
-    One run per chunk keeps the activations of a long prompt bounded (a 900-token prompt in one run
-    lifted a GPT-2-124M INT8 process from 287 to 421 MB peak) at no measurable cost in speed: each
-    chunk is still a large matrix product. Batch 1 only: GroupQueryAttention refuses several new
-    tokens per row on a non-empty cache when batch > 1.
+    One run per chunk keeps the activations of a long prompt bounded (the peak memory and time of a
+    900-token prompt both ways are in benchmarks/results/runtime-choices.json): each chunk is still a
+    large matrix product. Batch 1 only: GroupQueryAttention refuses several new tokens per row on a
+    non-empty cache when batch > 1.
     """
     ids = np.asarray(prompt_ids, np.int64)[None, :]
     n = ids.shape[1]

@@ -148,8 +148,9 @@ def session_options(choice: ProviderChoice, threads: int | None) -> ort.SessionO
     so.intra_op_num_threads = threads or physical_cores() or 0
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to a user
-    # Measured (GPT-2-124M, 2 threads): the same tokens/s on an idle machine, about 1.5x faster while other
-    # processes compete for the cores, and no idle threads burning CPU between requests in an app.
+    # Spinning off (benchmarks/results/runtime-choices.json, GPT-2-124M INT8, 2 threads): on an idle machine
+    # spinning decodes faster, but next to one busy process it is far slower, and an app shares its cores
+    # (UI, other programs, a laptop's battery): threads that sleep when idle are the safer default.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_mem_pattern = TRAITS[choice.name].memory_pattern
     return so
