@@ -98,12 +98,14 @@ def run(args: argparse.Namespace, command: str) -> int:
         heldout.write_text(heldout_text(), encoding="utf-8")
 
     _stage("3/5 quantize to INT8 (gated on held-out perplexity)")
-    if (int8 / "gptedge.json").exists() and not args.fresh:
+    reuse = (int8 / "gptedge.json").exists() and not args.fresh
+    if reuse:
         print(f"reusing {int8}")
-    else:
+    else:  # quantize_bundle prints its own table of what it measured
         quantize_bundle(fp32, int8, method=args.method, eval_text=str(heldout), force=True, progress=progress)
     model = Model.load(int8, provider="cpu", threads=args.threads)
-    print(quality_table(model.spec.quantization or {}))
+    if reuse:
+        print(quality_table(model.spec.quantization or {}))
 
     _stage("4/5 stream a completion (INT8)")
     print(args.prompt, end="", flush=True)

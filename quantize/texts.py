@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptedge.errors import QuantizeError
+from gptedge.errors import DataError, QuantizeError
 
 MIN_EVAL_TOKENS = 128
 MIN_CALIBRATION_TOKENS = 128
@@ -28,7 +28,8 @@ TextInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 def read_text(values: TextInput, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, str]:
     """Text from files, folders (recursively, hidden entries skipped), globs, or literal text; plus a description.
 
-    A value that names no existing file, folder or glob match is taken as the text itself.
+    A value that names no existing file or folder is taken as the text itself, except a glob pattern (glob
+    characters, no spaces) that matches nothing: that is a DataError naming the pattern.
     Reading stops at `max_bytes`. Binary files (with NUL bytes) are skipped.
     """
     items = [values] if isinstance(values, (str, os.PathLike)) else list(values)
@@ -54,6 +55,9 @@ def read_text(values: TextInput, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, 
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(s), recursive=True)) if globbed else []
         if matches:
             files += [m for m in matches if m.is_file()]
+        elif globbed and not any(ch.isspace() for ch in s):  # a pattern, not a sentence with a "*" in it
+            raise DataError(f"the pattern {s!r} matches no files; check it (quote it so the shell does not expand it), "
+                            "or pass the files or the text itself")
         else:
             literal.append(s)
     parts, total, used = list(literal), sum(len(t.encode()) for t in literal), 0
@@ -99,7 +103,7 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
     if eval_text is not None:
         text, eval_desc = read_text(eval_text)
         held = encode(text)
-        note = f"held-out text: --eval-text ({eval_desc})"
+        note = f"held-out text: {eval_desc}"
         if need_calibration and cal is None:  # calibrate on the first part of the only text given
             cut = int(len(held) * (1 - HELD_OUT_FRACTION))
             cal, held = held[:cut], held[cut:]
@@ -111,7 +115,7 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
                 "the rest is held out")
     else:
         held, cal = cal, None
-        note = f"held-out text: --calibration ({cal_desc}; nothing is calibrated by this method)"
+        note = f"held-out text: the calibration text ({cal_desc}; nothing is calibrated by this method)"
     if need_calibration and len(cal) < MIN_CALIBRATION_TOKENS:
         raise QuantizeError(f"calibration text is too short: {len(cal)} tokens, int8-static needs at least "
                             f"{MIN_CALIBRATION_TOKENS}; pass more text with --calibration")

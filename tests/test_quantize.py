@@ -318,3 +318,11 @@ def test_read_text_takes_files_folders_globs_and_literal_text(tmp_path):
     assert "1 literal text" in what
     assert read_text("x" * 10, max_bytes=4)[0] == "x" * 10  # literal text is never cut
     assert len(read_text(str(tmp_path / "a.txt"), max_bytes=3)[0]) == 3
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_not_text(tmp_path):
+    from gptedge.errors import DataError
+
+    with pytest.raises(DataError, match=r"the pattern '.*heldout/\*\.py' matches no files"):
+        read_text(str(tmp_path / "heldout" / "*.py"))
+    assert read_text("a * b")[0] == "a * b"  # a sentence with a star is still text
