@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command in ("generate", "chat"):
         _add_sampling(parser)
     if command == "generate":
+        parser.add_argument("--lookup", action="store_true",
+                            help="speculative decoding from prompt lookup (greedy only: --temperature 0): the same "
+                                 "text, faster when it copies from the prompt")
         parser.add_argument("--stats", action="store_true",
                             help="print time to first token and decode tokens/s to stderr afterwards")
         parser.add_argument("--truncate-left", action="store_true",
@@ -164,7 +167,8 @@ def _prompt(text: str) -> str:
 def _generate(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
     model = _load(args)
-    stream = model.stream(prompt, truncate="left" if args.truncate_left else None, **_sampling_kwargs(args))
+    stream = model.stream(prompt, truncate="left" if args.truncate_left else None,
+                          speculative="lookup" if args.lookup else None, **_sampling_kwargs(args))
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -174,7 +178,8 @@ def _generate(args: argparse.Namespace) -> int:
         t = result.timings
         print(f"prompt tokens {t.prompt_tokens} | generated {t.generated_tokens} | finish {result.finish_reason} | "
               f"time to first token {t.ttft_s * 1000:.1f} ms | decode {t.decode_tokens_per_s:.1f} tokens/s | "
-              f"provider {model.provider} | load {model.load_seconds:.2f} s", file=sys.stderr)
+              f"provider {model.provider} | load {model.load_seconds:.2f} s"
+              + (f" | lookup accepted {t.accepted}/{t.proposed}" if args.lookup else ""), file=sys.stderr)
     return 0
 
 

@@ -57,6 +57,8 @@ class Timings:
     ttft_s: float = 0.0  # request start -> first new token sampled (prefill + one sample)
     decode_s: float = 0.0  # first token sampled -> last token sampled
     total_s: float = 0.0
+    proposed: int = 0  # speculative decoding: tokens proposed for verification
+    accepted: int = 0  # ... and how many of them the model's own choice confirmed
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -32,6 +32,7 @@ from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_s
 from gptedge.runtime.onnx_scan import scan_graph
 from gptedge.runtime.providers import PROVIDERS, SessionInfo, cache_key, choose_provider, create_session
 from gptedge.runtime.sampling import SamplingParams, softmax
+from gptedge.runtime.speculative import check_speculative, stream_speculative
 
 log = logging.getLogger("gptedge.runtime")
 
@@ -233,6 +234,7 @@ class Model:
         truncate: str | None = None,
         cancel=None,
         on_token: Callable[[int], None] | None = None,
+        speculative: str | None = None,
         **sampling: Any,
     ) -> Stream:
         """Yield text pieces as they are generated; they never split a UTF-8 character.
@@ -243,11 +245,16 @@ class Model:
         `truncate="left"` keeps the most recent prompt tokens when prompt + max_new_tokens exceed the
         context (otherwise ContextLengthError). `cancel`: a CancelToken or threading.Event.
         `on_token(id)`: called with each sampled id as it is chosen (per-token timing, token-level UIs).
+        `speculative="lookup"` (greedy only): propose tokens found earlier in the prompt and output and verify
+        several per step; the same tokens, faster when the output copies from the input
+        (gptedge.runtime.speculative). `result.timings.proposed` / `accepted` say how it went.
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
+        check_speculative(speculative, p)
         seq = Decoding(self.tokenizer, ids, p, length_reason=reason)
-        return Stream(stream_tokens(self.engine, seq, cancel=cancel, on_token=on_token), seq)
+        loop = stream_speculative if speculative == "lookup" else stream_tokens
+        return Stream(loop(self.engine, seq, cancel=cancel, on_token=on_token), seq)
 
     def generate(
         self,
@@ -256,10 +263,11 @@ class Model:
         *,
         truncate: str | None = None,
         cancel=None,
+        speculative: str | None = None,
         **sampling: Any,
     ) -> GenerationResult:
         """Generate a completion of `prompt` (same arguments as `stream`)."""
-        stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, **sampling)
+        stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, speculative=speculative, **sampling)
         for _ in stream:
             pass
         return stream.result  # type: ignore[return-value]
