@@ -23,7 +23,7 @@ def test_lookup_proposes_what_followed_the_longest_recent_match() -> None:
     assert lookup_proposals([5, 1, 2, 7, 1, 2, 8, 1, 2], 2) == [8, 1]  # the most recent earlier match wins
     assert lookup_proposals([1, 2, 3], 4) == []  # no n-gram repeats
     assert lookup_proposals([4, 4], 3) == [4]
-    assert lookup_proposals([7] * 6, 3) == [7, 7] and lookup_proposals([7] * 8, 3) == [7, 7, 7]  # runs: k tokens when there are
+    assert lookup_proposals([7] * 6, 3) == [7, 7] and lookup_proposals([7] * 8, 3) == [7, 7, 7]  # runs: k when there
     assert lookup_proposals([1, 2, 1, 2], 0) == []
 
 
