@@ -213,8 +213,10 @@ def _measure(engine, data: gate.EvalSet, label: str, show: bool,
     """gate.measure with a progress bar over the tokens it scores."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=gate.work_tokens(data), desc=f"measuring {label}", unit="tok", disable=not show,
-              leave=False) as bar:
+    scored, greedy = len(data.token_ids) - 1, gate.work_tokens(data) - (len(data.token_ids) - 1)
+    # The bar counts both kinds of work, so say so: its total is not the summary's "tokens scored".
+    with tqdm(total=scored + greedy, desc=f"measuring {label} ({scored:,} scored + {greedy:,} greedy tokens)",
+              unit="tok", disable=not show, leave=False) as bar:
         return gate.measure(engine, data, bar.update, reference)
 
 
