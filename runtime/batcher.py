@@ -37,7 +37,8 @@ from gptedge.runtime.generator import KV_ROUNDING, PREFILL_CHUNK, kv_capacity
 
 log = logging.getLogger("gptedge.runtime")
 
-DEFAULT_KV_BUDGET_MB = 1024  # KV memory all rows share: 4 GPT-2-124M rows of 1024 fp32 positions take 288 MB
+# KV memory all rows share: 4 GPT-2-124M rows of 1024 fp32 positions take 4 * 1024 * 12 * 2 * 768 * 4 B = 288 MiB
+DEFAULT_KV_BUDGET_MB = 1024
 
 
 class QueueFull(GptEdgeError):

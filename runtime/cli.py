@@ -124,7 +124,7 @@ CLI_NAMES = [
 def cli_message(message: str) -> str:
     for library, option in CLI_NAMES:
         message = message.replace(library, option)
-    return message.replace("----", "--")
+    return message
 
 
 # -- dispatch -------------------------------------------------------------------------------------------------

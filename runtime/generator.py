@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from gptedge.errors import ContextLengthError, UsageError
-from gptedge.runtime.decoding import CancelToken, Decoding, GenerationResult, Timings
+from gptedge.runtime.decoding import CancelToken, Decoding, GenerationResult, Step, Timings
 from gptedge.runtime.engine import Engine, KVCache, right_pad
 
 __all__ = ["CancelToken", "Decoding", "GenerationResult", "Timings", "generate_rows", "prefill", "stream_tokens"]
@@ -55,6 +55,48 @@ def _cancelled(cancel) -> bool:
 
 
 # -- one request -------------------------------------------------------------------------------------------
+StepLoop = Callable[[KVCache], Iterator[Step]]
+
+
+def drive(engine: Engine, seq: Decoding, steps: StepLoop,
+          on_token: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Run one sequence's step loop over its own KV cache; yield its text pieces, then the held-back tail.
+
+    `steps(cache)` prefills and decodes, yielding each `Step` as `seq` advances (plain decoding, or a
+    speculative loop). This owns what every one-sequence loop shares: the cache is sized from `seq`
+    and goes back to the pool as soon as decoding stops (before the last pieces are yielded), and
+    closing the iterator early ends the generation with finish_reason "cancelled".
+    """
+    cache = engine.new_cache(1, kv_capacity(seq.positions_needed, engine.arch.context_length))
+    loop = steps(cache)
+    try:
+        try:
+            for step in loop:
+                if on_token is not None:
+                    on_token(step.token)
+                if step.text:
+                    yield step.text
+        finally:
+            loop.close()
+            engine.release(cache)
+        _, tail = seq.finish()
+        if tail:
+            yield tail
+    finally:
+        seq.finish()  # closed early: the result says "cancelled"
+
+
+def plain_steps(engine: Engine, cache: KVCache, seq: Decoding, cancel=None) -> Iterator[Step]:
+    """Prefill, then one token per engine step until the sequence is done or `cancel` is set."""
+    logits = prefill(engine, cache, seq.prompt_ids)
+    while not _cancelled(cancel):
+        step = seq.advance(logits)
+        yield step
+        if seq.done:
+            return
+        logits = decode_step(engine, cache, step.token)
+
+
 def stream_tokens(
     engine: Engine,
     seq: Decoding,
@@ -65,32 +107,10 @@ def stream_tokens(
     """Yield the text pieces of one generation; when it ends, `seq.result` holds its GenerationResult.
 
     `on_token(id)` is called with each sampled token id as soon as it is chosen (stop ids included),
-    for callers that need ids or per-token timing rather than text.
-
-    Closing the iterator early (or setting `cancel`) ends the generation with finish_reason
-    "cancelled"; the KV buffers go back to the engine's pool as soon as decoding stops, before the
-    last pieces are yielded.
+    for callers that need ids or per-token timing rather than text. Closing the iterator early (or
+    setting `cancel`) ends the generation with finish_reason "cancelled" (see `drive`).
     """
-    cache = engine.new_cache(1, kv_capacity(seq.positions_needed, engine.arch.context_length))
-    try:
-        try:
-            logits = prefill(engine, cache, seq.prompt_ids)
-            while not _cancelled(cancel):
-                step = seq.advance(logits)
-                if on_token is not None:
-                    on_token(step.token)
-                if step.text:
-                    yield step.text
-                if seq.done:
-                    break
-                logits = decode_step(engine, cache, step.token)
-        finally:
-            engine.release(cache)
-        _, tail = seq.finish()
-        if tail:
-            yield tail
-    finally:
-        seq.finish()  # closed early: the result says "cancelled"
+    return drive(engine, seq, lambda cache: plain_steps(engine, cache, seq, cancel), on_token)
 
 
 # -- a batch ---------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from gptedge.errors import UsageError
-from gptedge.runtime.decoding import Decoding
-from gptedge.runtime.engine import Engine
-from gptedge.runtime.generator import _cancelled, kv_capacity, prefill
+from gptedge.runtime.decoding import Decoding, Step
+from gptedge.runtime.engine import Engine, KVCache
+from gptedge.runtime.generator import _cancelled, drive, prefill
 
 MAX_NGRAM = 4  # longest suffix looked up; longer matches are rarer and rarely better
 # A verify step of k rows costs more than one row but far less than k (per k: benchmarks/results/speculative.json),
@@ -72,43 +72,35 @@ def stream_speculative(engine: Engine, seq: Decoding, *, cancel=None, on_token: 
                        max_proposals: int = MAX_PROPOSALS) -> Iterator[str]:
     """`stream_tokens` with prompt-lookup proposals verified in multi-token steps (see the module docstring).
 
-    The proposal length adapts: it grows while proposals are accepted and shrinks when they are not.
     `seq.timings.proposed` / `accepted` count the proposals.
     """
-    cache = engine.new_cache(1, kv_capacity(seq.positions_needed, engine.arch.context_length))
+    return drive(engine, seq, lambda cache: lookup_steps(engine, cache, seq, cancel, max_proposals), on_token)
+
+
+def lookup_steps(engine: Engine, cache: KVCache, seq: Decoding, cancel=None,
+                 max_proposals: int = MAX_PROPOSALS) -> Iterator[Step]:
+    """Prefill, then steps of the pending token + lookup proposals; the proposal length grows while proposals
+    are accepted and shrinks when they are not."""
     k = 2
-    try:
-        try:
-            rows = prefill(engine, cache, seq.prompt_ids)[None, :]  # [1, V]: the row for the first new token
-            proposals: list[int] = []
-            while not _cancelled(cancel):
-                accepted = 0
-                for j in range(rows.shape[0]):
-                    step = seq.advance(rows[j])
-                    if on_token is not None:
-                        on_token(step.token)
-                    if step.text:
-                        yield step.text
-                    if seq.done or j >= len(proposals) or step.token != proposals[j]:
-                        break
-                    accepted += 1
-                seq.timings.proposed += len(proposals)
-                seq.timings.accepted += accepted
-                cache.lengths -= len(proposals) - accepted  # the rows after the first disagreement are stale
-                if seq.done or _cancelled(cancel):
-                    break
-                if proposals:
-                    k = min(max_proposals, k + 1) if accepted == len(proposals) else max(1, accepted)
-                room = seq.params.max_new_tokens - len(seq.tokens) - 1  # every row fed yields one more token
-                history = seq.prompt_ids + seq.tokens
-                proposals = lookup_proposals(history, min(k, room))
-                feed = np.array([[step.token, *proposals]], np.int64)
-                index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
-                rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
-        finally:
-            engine.release(cache)
-        _, tail = seq.finish()
-        if tail:
-            yield tail
-    finally:
-        seq.finish()
+    rows = prefill(engine, cache, seq.prompt_ids)[None, :]  # [1, V]: the row for the first new token
+    proposals: list[int] = []
+    while not _cancelled(cancel):
+        accepted = 0
+        for j in range(rows.shape[0]):
+            step = seq.advance(rows[j])
+            yield step
+            if seq.done or j >= len(proposals) or step.token != proposals[j]:
+                break
+            accepted += 1
+        seq.timings.proposed += len(proposals)
+        seq.timings.accepted += accepted
+        cache.lengths -= len(proposals) - accepted  # the rows after the first disagreement are stale
+        if seq.done:
+            return
+        if proposals:
+            k = min(max_proposals, k + 1) if accepted == len(proposals) else max(1, accepted)
+        room = seq.params.max_new_tokens - len(seq.tokens) - 1  # every row fed yields one more token
+        proposals = lookup_proposals(seq.prompt_ids + seq.tokens, min(k, room))
+        feed = np.array([[step.token, *proposals]], np.int64)
+        index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
+        rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]

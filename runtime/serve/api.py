@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from gptedge.errors import ContextLengthError, UsageError
+from gptedge.errors import UsageError
 from gptedge.runtime.decoding import GenerationResult, TokenLogprob
 
 MAX_CHOICES = 8  # n
@@ -202,10 +202,11 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
 
 
 def usage_error(exc: UsageError, max_name: str) -> ApiError:
-    """A runtime UsageError as a 400 naming the request field its message starts with."""
+    """A SamplingParams UsageError as a 400 naming the request field its message starts with.
+
+    (Context limits are checked by build_plan itself, with their own error code.)
+    """
     message = str(exc).replace("max_new_tokens", max_name)
-    if isinstance(exc, ContextLengthError) or "context" in message and "max_" in message:
-        return bad(message, "messages" if max_name == "max_completion_tokens" else None, "context_length_exceeded")
     first = message.split(" ", 1)[0]
     param = next((api for api, ours in SAMPLING_FIELDS.items() if ours == first), None)
     return bad(message, param or (max_name if first == max_name else None))

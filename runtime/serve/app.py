@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gptedge.errors import GptEdgeError
+from gptedge.errors import ContextLengthError, GptEdgeError
 from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
 from gptedge.runtime.decoding import Decoding
 from gptedge.runtime.serve import api
@@ -186,9 +186,9 @@ class Run:
         except QueueFull as exc:
             self.cancel()
             raise api.ApiError(503, f"the server is busy: {exc}", "server_error", code="queue_full") from None
-        except GptEdgeError as exc:
+        except ContextLengthError as exc:  # the sequence cannot fit a row of this server's KV budget
             self.cancel()
-            raise api.bad(str(exc), None, "context_length_exceeded" if "positions" in str(exc) else None) from None
+            raise api.bad(str(exc), None, "context_length_exceeded") from None
 
     def cancel(self) -> None:
         for h in self.handles:
