@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -89,6 +90,52 @@ def timed(stream: Callable[[], Iterable[int]]) -> Timed:
 
 def files_mb(paths: Iterable[Path]) -> float:
     return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
+
+
+# The instruction sets that decide which kernels onnxruntime (MLAS) and llama.cpp (ggml) pick on x86.
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
+              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+VERSIONED = ("gptedge", "numpy", "onnxruntime", "onnxruntime-genai", "tokenizers", "torch", "transformers",
+             "optimum-onnx", "llama-cpp-python")
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags (SIMD_FLAGS) this CPU advertises, from /proc/cpuinfo."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in SIMD_FLAGS if f in have]
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on (read, never typed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict:
+    """Where a result was measured: recorded in every results file (`machine` is the one-line form)."""
+    return {"machine": f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "threads": THREADS,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions()}
 
 
 def emit(result: dict) -> None:

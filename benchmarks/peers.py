@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from common import (
     PROMPT_LEN,
     THREADS,
     files_mb,
+    machine,
     make_random_gpt2,
     make_random_llama,
 )
@@ -403,18 +402,6 @@ def add_perplexity(results: list[dict], rows: list[Row], eval_text: str | None) 
             r["ppl"] = Model.load(row.artifact, provider="cpu", threads=THREADS).perplexity(eval_text)
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("onnxruntime", "onnxruntime-genai", "torch", "transformers", "optimum-onnx", "llama-cpp-python"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["gpt2-124m", "demo", *LLAMA_SHAPES], default="gpt2-124m",
@@ -450,13 +437,10 @@ def main() -> None:
                 _log(str(exc))
     kept = [r for r in rows if raw[r.name] and r.name not in failed]
     reference = raw["pytorch-fp32"][-1]["tokens"] if raw.get("pytorch-fp32") else None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
     results = [summarize(r.name, raw[r.name], r, None if r.name == "pytorch-fp32" else reference) for r in kept]
     add_perplexity(results, kept, eval_text)
     skipped += [f"{name} (failed: {why})" for name, why in failed.items()]
-    meta = {"model": args.model, "runs": args.runs, "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "versions": versions()}
+    meta = {"model": args.model, "runs": args.runs, **machine()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"peers-{args.model}"
     table = markdown(results, skipped, meta)

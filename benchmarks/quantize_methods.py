@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 # run as a script: its folder is on the path
-from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, peak_rss_mb, pin_threads, prompt_ids
+from common import NEW_TOKENS, PROMPT_LEN, THREADS, emit, machine, peak_rss_mb, pin_threads, prompt_ids
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -173,27 +172,10 @@ def model_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
 
 
-def _cpu() -> str:
-    """The CPU model, recorded with the rows: speeds from different machines must not be compared as one table."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
-
-
 def machine_meta(args: argparse.Namespace) -> dict:
     """Where and how the rows were measured: CPU, cores, library versions, workload."""
-    import onnxruntime
-
-    from gptedge import __version__
-
-    return {"machine": f"{_cpu()}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "cpu_model": _cpu(),
-            "cpus": os.cpu_count(), "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "rounds": args.rounds, "steps": args.steps, "prompt_tokens": PROMPT_LEN,
-            "shape": "GPT-2-124M (random weights, benchmarks/common.py make_random_gpt2)",
-            "versions": {"gptedge": __version__, "onnxruntime": onnxruntime.__version__}}
+    return {**machine(), "rounds": args.rounds, "steps": args.steps, "prompt_tokens": PROMPT_LEN,
+            "shape": "GPT-2-124M (random weights, benchmarks/common.py make_random_gpt2)"}
 
 
 def markdown(rows: list[dict], meta: dict, steps: int) -> str:

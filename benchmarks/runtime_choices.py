@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import HERE, THREADS, make_random_gpt2
+from common import HERE, THREADS, machine, make_random_gpt2
 from peers import CACHE, prepare_gptedge
 
 PREFILL = """
@@ -96,11 +95,8 @@ def main() -> None:
         t = time.perf_counter()
         tok.get_vocab_size(with_added_tokens=True)
         times.append(time.perf_counter() - t)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
     result = {
-        "machine": f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "threads": THREADS,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "bundle": "gpt2-124m int8-weight",
+        **machine(), "bundle": "gpt2-124m int8-weight",
         "prefill_900_tokens": prefill_summary, "prefill_runs": prefill,
         "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in spinning.items()},
         "get_vocab_size_ms": 1000 * statistics.median(times), "vocab": tok.get_vocab_size(with_added_tokens=True),

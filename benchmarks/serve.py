@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -31,7 +30,17 @@ from pathlib import Path
 
 import httpx
 
-from common import HERE, LLAMA_SHAPES, NEW_TOKENS, PROMPT_LEN, THREADS, make_random_gpt2, make_random_llama, prompt_ids
+from common import (
+    HERE,
+    LLAMA_SHAPES,
+    NEW_TOKENS,
+    PROMPT_LEN,
+    THREADS,
+    machine,
+    make_random_gpt2,
+    make_random_llama,
+    prompt_ids,
+)
 from peers import CACHE, LLAMA_BUILD, prepare_gguf, prepare_gptedge
 
 RESULTS = HERE / "results"
@@ -257,10 +266,7 @@ def main() -> None:
     for clients in args.clients:
         summary[f"gptedge / llama-server decode, {clients} client(s)"] = ratio(("gptedge", clients),
                                                                              ("llama-server", clients), "decode_tps")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
-    meta = {"model": args.model, "threads": THREADS, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "bundle": "int8-weight",
+    meta = {"model": args.model, **machine(), "bundle": "int8-weight",
             "gguf": "q8_0", "skipped": skipped}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"serve-{args.model}"

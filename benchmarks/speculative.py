@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import HERE, THREADS, make_random_gpt2, pin_threads
+from common import HERE, THREADS, machine, make_random_gpt2, pin_threads
 from peers import CACHE, prepare_gptedge
 
 NEW_TOKENS = 96
@@ -113,11 +111,8 @@ def main() -> None:
     pin_threads()
     root = CACHE / "gpt2-124m"
     shape_bundle = prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
     result = {
-        "machine": f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "threads": THREADS,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "new_tokens": NEW_TOKENS,
+        **machine(), "new_tokens": NEW_TOKENS,
         "verify_step_ms_gpt2_124m_int8": verify_costs(shape_bundle),
         "small_trained_int8": compare(trained_bundle()),
     }

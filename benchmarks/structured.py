@@ -11,15 +11,12 @@ Writes benchmarks/results/structured.json.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import HERE, THREADS, make_random_gpt2, pin_threads
+from common import HERE, THREADS, machine, make_random_gpt2, pin_threads
 from peers import CACHE, prepare_gptedge
 
 SCHEMA = {
@@ -114,8 +111,7 @@ def main() -> None:
     valid = sum(1 for r in constrained if r["finish"] == "eos" and _parses(r["text"]))
     med = statistics.median
     result = {
-        "machine": f"{_cpu()}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "threads": THREADS,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "vocab": 50257, "runs": RUNS,
+        **machine(), "vocab": 50257, "runs": RUNS,
         "free_ms_per_token": med(r["ms_per_token"] for r in free),
         "llguidance": {"first_compile_s": first_compile_s,
                        "ms_per_token": med(r["ms_per_token"] for r in constrained),
@@ -133,11 +129,6 @@ def _parses(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _cpu() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor() or platform.machine())
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--kv", choices=("inplace", "concat"), default="inplace",
                         help="KV cache: inplace (GroupQueryAttention writes into one fixed buffer, O(1) per token) "
                              "or concat (standard ONNX ops only, portable, copies the cache each token)")
+    parser.add_argument("--genai", action="store_true",
+                        help="also write genai_model.onnx + genai_config.json so onnxruntime-genai (C#, C++, Java, "
+                             "Python) runs the bundle; the weights are shared, not copied")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     out = export_bundle(
         args.source, args.out_dir, target=args.target, dtype=args.dtype, max_context=args.max_context,
-        kv=args.kv, force=args.force, progress=not args.quiet,
+        kv=args.kv, genai=args.genai, force=args.force, progress=not args.quiet,
     )
     print(out)
     return 0

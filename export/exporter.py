@@ -135,7 +135,7 @@ def load_source(path: str | Path) -> Source:
     )
 
 
-def _check_options(target: str, dtype: str | None, kv: str) -> str:
+def _check_options(target: str, dtype: str | None, kv: str, genai: bool = False) -> str:
     if target not in TARGETS:
         raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     traits = TRAITS[target]
@@ -148,6 +148,9 @@ def _check_options(target: str, dtype: str | None, kv: str) -> str:
         raise UsageError(f"{traits.ort_name}'s GroupQueryAttention runs {' / '.join(traits.gqa_dtypes)} only: "
                          f"use --dtype {traits.default_dtype} for --target {target}, "
                          f"or --kv concat for a {dtype} {target} bundle")
+    if genai and kv != "inplace":
+        raise UsageError("--genai needs the in-place KV graph (onnxruntime-genai shares one buffer per layer); "
+                         "drop --kv concat")
     return dtype
 
 
@@ -234,6 +237,7 @@ def export_bundle(
     dtype: str | None = None,
     max_context: int | None = None,
     kv: str = "inplace",
+    genai: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -242,14 +246,17 @@ def export_bundle(
     target: "cpu" | "cuda" | "dml"; dtype: "fp32" | "fp16" (default: fp32 for cpu, fp16 for cuda and dml);
     max_context: positions the bundle serves (<= the model's block size; default: all of them);
     kv: "inplace" (GroupQueryAttention, shared KV buffer; default) or "concat" (standard ops only).
+    genai: also write the graph and config onnxruntime-genai runs (gptedge.quantize.genai), checked against
+    model.onnx; in-place bundles only.
     Raises UsageError, CheckpointError, OutputExistsError, ExportError (verification) or GptEdgeError
     (unwritable output); in every case nothing is written.
     """
     from gptedge.atomic import atomic_output_dir
     from gptedge.export.graph import OPSET, export_graph, io_spec
     from gptedge.export.verify import verify
+    from gptedge.quantize.genai import check_genai_graph, write_genai_files
 
-    dtype = _check_options(target, dtype, kv)
+    dtype = _check_options(target, dtype, kv, genai)
     source, out_dir = Path(source), Path(out_dir)
     _check_paths(source, out_dir, force)
     log = Progress(progress)
@@ -280,6 +287,10 @@ def export_bundle(
         with log.stage("verify", "verifying against PyTorch in ONNX Runtime (batch 2, prefill + decode)"):
             ids = src.tokenizer.encode("def main():\n    print('hello, world')\n").ids
             spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
+        if genai:
+            with log.stage("genai", "writing the onnxruntime-genai graph and config, checked against model.onnx"):
+                write_genai_files(tmp, spec)
+                spec.verification["genai"] = check_genai_graph(tmp, spec, ids)
         with log.stage("checksum", "writing gptedge.json (sha256 of every file)"):
             spec.provenance = {
                 "source": str(src.path),

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "(default: 128 for INT8, 32 for INT4; halved until it divides the model width)")
     parser.add_argument("--max-eval-tokens", type=int, default=4096, metavar="N",
                         help="held-out tokens scored per model by the quality gate")
+    parser.add_argument("--genai", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the onnxruntime-genai graph and config too (default: when the source bundle has "
+                             "them, as `gptedge export --genai` writes)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
@@ -51,6 +54,6 @@ def run(args: argparse.Namespace, command: str) -> int:
         args.bundle, args.out_dir, args.method, calibration=args.calibration, eval_text=args.eval_text,
         max_ppl_increase=args.max_ppl_increase, quantize_lm_head=args.quantize_lm_head,
         float_embeddings=args.float_embeddings, block_size=args.block_size, max_eval_tokens=args.max_eval_tokens,
-        force=args.force, progress=args.progress, log=lambda line: print(line, flush=True),
+        genai=args.genai, force=args.force, progress=args.progress, log=lambda line: print(line, flush=True),
     )
     return 0

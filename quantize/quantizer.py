@@ -95,6 +95,7 @@ class _Job:
     data: gate.EvalSet
     windows: list[np.ndarray] | None  # calibration windows (static recipes only)
     progress: bool
+    genai: bool  # write the onnxruntime-genai graph and config beside the quantized model (gptedge.quantize.genai)
 
 
 def model_bytes(folder: Path) -> int:
@@ -175,7 +176,7 @@ def _calibration_windows(ids: np.ndarray, context: int, max_windows: int = 32, l
 
 def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None, eval_text: TextInput | None,
              max_ppl_increase: float | None, float_embeddings: bool, block_size: int | None, max_eval_tokens: int,
-             force: bool, progress: bool, log: Log) -> _Job:
+             genai: bool | None, force: bool, progress: bool, log: Log) -> _Job:
     """Every check that costs seconds, in order, before minutes of work: a bad option fails fast, writing nothing."""
     from tokenizers import Tokenizer
 
@@ -184,13 +185,25 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     block = _block_size(spec, recipe, block_size, log)
     limit = _gate_limit(max_ppl_increase, max_eval_tokens)
     _check_out(source, out, force)
+    genai = _genai(source, spec, genai)
     tokenizer = Tokenizer.from_file(str(source / TOKENIZER_NAME))
     texts = load_texts(tokenizer, calibration, eval_text, recipe.calibrated, max_eval_tokens)
     context = spec.architecture.context_length
     data = gate.make_eval_set(texts.eval_ids, context)
     log(texts.note)
     windows = _calibration_windows(texts.calibration_ids, context) if recipe.calibrated else None
-    return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress)
+    return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress, genai)
+
+
+def _genai(source: Path, spec: BundleSpec, asked: bool | None) -> bool:
+    """Whether the output carries the onnxruntime-genai files: as asked, else as the source does."""
+    from gptedge.quantize.genai import has_genai
+
+    genai = has_genai(source) if asked is None else bool(asked)
+    if genai and spec.kv_cache.update != "inplace":
+        raise QuantizeError("onnxruntime-genai runs in-place KV bundles only; this bundle was exported with "
+                            "--kv concat (re-export it without that, or drop --genai)")
+    return genai
 
 
 def _engine(model_path: Path, spec: BundleSpec, log: Log | None = None):
@@ -297,7 +310,13 @@ def _install(job: _Job, chosen: Candidate, tmp: Path, record: dict[str, Any]) ->
         shutil.move(str(f), tmp / f.name)
     shutil.rmtree(tmp / SCRATCH)
     shutil.copy2(job.source / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-    write_spec(tmp, _output_spec(job.spec, record))
+    spec = _output_spec(job.spec, record)
+    if job.genai:
+        from gptedge.quantize.genai import check_genai_graph, write_genai_files
+
+        write_genai_files(tmp, spec)
+        spec.verification["genai"] = check_genai_graph(tmp, spec, list(job.texts.eval_ids[:64]))
+    write_spec(tmp, spec)
 
 
 def quantize_bundle(
@@ -312,6 +331,7 @@ def quantize_bundle(
     float_embeddings: bool = False,
     block_size: int | None = None,
     max_eval_tokens: int = 4096,
+    genai: bool | None = None,
     force: bool = False,
     progress: bool = True,
     log: Log | None = None,
@@ -330,13 +350,15 @@ def quantize_bundle(
     block_size: weights per scale of blockwise (MatMulNBits) weights, a power of two >= 16 (default: 128 for
       INT8, 32 for INT4, see recipes.DEFAULT_BLOCK_SIZE; halved until it divides n_embd).
     max_eval_tokens: cap on held-out tokens scored per model.
+    genai: write the onnxruntime-genai graph and config too (checked against the quantized model.onnx);
+      None: when the source bundle has them.
     Raises QuantizeError (bad option, method the target cannot run, short text, gate failed),
     BundleError (not a bundle), OutputExistsError; in every failure nothing is written.
     """
     log = log or _stderr
     out = Path(out_dir)
     job = _prepare(Path(bundle), out, method, calibration, eval_text, max_ppl_increase, float_embeddings, block_size,
-                   max_eval_tokens, force, progress, log)
+                   max_eval_tokens, genai, force, progress, log)
     started = time.perf_counter()
     reference, measured_on = _measure_reference(job, log)
     float_bytes = model_bytes(job.source)

@@ -3,6 +3,9 @@
     model.onnx (+ model.onnx.data)   the graph, weights usually external
     tokenizer.json                   Hugging Face tokenizers format
     gptedge.json                     everything a loader needs (this module's `BundleSpec`)
+    genai_model.onnx, genai_config.json, tokenizer_config.json
+                                     optional (`export --genai`): what onnxruntime-genai loads; the graph
+                                     reads the same model.onnx.data
 
 The graph contract (format_version 1), declared here once and read by export,
 quantize and runtime alike:
@@ -39,6 +42,9 @@ FORMAT_VERSION = 1
 SPEC_NAME = "gptedge.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
+# Written with `export --genai` (gptedge.quantize.genai): the graph and config onnxruntime-genai runs.
+GENAI_MODEL_NAME = "genai_model.onnx"
+GENAI_CONFIG_NAME = "genai_config.json"
 TARGETS = PROVIDER_NAMES  # a bundle is built for one provider (gptedge.runtime.traits)
 DTYPES = ("fp32", "fp16")
 KV_UPDATES = ("inplace", "concat")

@@ -289,6 +289,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
     """Human summary of a bundle's gptedge.json."""
+    from gptedge.runtime.bundle import GENAI_CONFIG_NAME, GENAI_MODEL_NAME
+
     a = spec.architecture
     lines = [
         f"architecture  {a.family}: {a.n_layer} layers, {a.n_head} heads ({a.n_kv_head} kv) x {a.head_dim}, "
@@ -303,6 +305,8 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
         lines.insert(1, f"model         {_model_line(a.details)}")
     if spec.chat_template:
         lines.insert(-1, f"chat template {len(spec.chat_template)} characters (Jinja)")
+    if GENAI_CONFIG_NAME in sizes:
+        lines.insert(-1, f"genai         {GENAI_MODEL_NAME} + {GENAI_CONFIG_NAME}: onnxruntime-genai runs this bundle")
     for title, data in (("quantization", spec.quantization), ("verification", spec.verification),
                         ("provenance", spec.provenance)):
         lines.append(f"{title:<13} {'' if data else 'none'}".rstrip())
