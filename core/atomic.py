@@ -19,6 +19,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,7 @@ from gptedge.errors import GptEdgeError, OutputBusyError, OutputExistsError
 _TMP_PREFIX = ".tmp-gptedge-"
 _OLD_PREFIX = ".old-gptedge-"
 _LOCK_PREFIX = ".lock-gptedge-"
+BUSY_ATTEMPTS, BUSY_WAIT_S = 10, 0.2  # a destination held open gets 2 s to be let go before the write gives up
 
 
 def _clean_stale(parent: Path, name: str) -> None:
@@ -152,13 +154,31 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{dest.name}-", dir=dest.parent))
     os.rmdir(old)
-    os.replace(dest, old)
+    _swap_out(dest, old)
     try:
         os.replace(tmp, dest)
     except OSError:
         os.replace(old, dest)  # put the earlier output back
         raise
+    # Windows cannot delete a file that is open: what a running app still holds stays in the .old folder, which
+    # the next write of this destination removes.
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_out(dest: Path, old: Path, attempts: int = BUSY_ATTEMPTS) -> None:
+    """Rename the existing output aside. Windows refuses while a file in it is open (a loaded model, an editor, a
+    virus scanner that lets go in a moment): retry briefly, then say what holds it. Nothing has changed then."""
+    for attempt in range(attempts):
+        try:
+            os.replace(dest, old)
+            return
+        except PermissionError as exc:
+            if attempt + 1 == attempts:
+                raise OutputBusyError(
+                    f"{dest} is in use and cannot be replaced ({exc.strerror or exc}): a program has a file in it "
+                    "open, as a program with this bundle loaded does on Windows; close that program and run again, or "
+                    "write to another folder. Nothing was changed") from exc
+            time.sleep(BUSY_WAIT_S)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from gptedge import __version__
 from gptedge.errors import GptEdgeError
+from gptedge.text import configure_streams
 
 # command -> (module, one-line help). Declared once; `--help` reads it without importing anything.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -84,6 +85,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_streams()  # UTF-8 into pipes and files whatever the locale (gptedge.text)
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help", "--version"):
         top.parse_args(argv or ["--help"])

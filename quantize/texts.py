@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gptedge.errors import DataError, QuantizeError
+from gptedge.text import decode_text
 
 MIN_EVAL_TOKENS = 128
 MIN_CALIBRATION_TOKENS = 128
@@ -67,7 +68,7 @@ def read_text(values: TextInput, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, 
         data = f.read_bytes()[: max_bytes - total]
         if b"\0" in data:
             continue
-        parts.append(data.decode("utf-8", errors="replace"))
+        parts.append(decode_text(data, errors="replace"))  # UTF-8 whatever the locale, CRLF read as LF
         total += len(data)
         used += 1
     what = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptedge.errors import GptEdgeError, UsageError
+from gptedge.text import normalize_newlines, read_text_file
 
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "max_new_tokens", "seed")
@@ -131,7 +132,6 @@ def cli_message(message: str) -> str:
 def run(args: argparse.Namespace, command: str) -> int:
     import warnings
 
-    _utf8_stdout()
     with warnings.catch_warnings():  # provider fallbacks etc. as one "warning: ..." line, not a source location
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
         try:
@@ -139,13 +139,6 @@ def run(args: argparse.Namespace, command: str) -> int:
                     "bench": _bench}[command](args)
         except UsageError as exc:
             raise type(exc)(cli_message(str(exc))) from None
-
-
-def _utf8_stdout() -> None:
-    """A console that cannot show a character gets '?' instead of a crash mid-answer."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
 
 
 def _load(args: argparse.Namespace):
@@ -156,7 +149,10 @@ def _load(args: argparse.Namespace):
 
 def _prompt(text: str) -> str:
     if text == "-":
-        text = sys.stdin.read()  # standard input is taken as it is
+        try:
+            text = normalize_newlines(sys.stdin.read())  # UTF-8 whatever the locale (gptedge.text)
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"standard input is not UTF-8 text ({exc}); save the prompt as UTF-8") from None
     else:
         text = _unescape(text)
     if not text:
@@ -189,7 +185,7 @@ def _chat(args: argparse.Namespace) -> int:
     source = None
     if args.chat_template is not None:
         try:
-            source = args.chat_template.read_text(encoding="utf-8")
+            source = read_text_file(args.chat_template)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read --chat-template {args.chat_template}: {exc}") from None
     model = _load(args)
@@ -252,7 +248,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gptedge.runtime.evaluate import perplexity
 
     try:
-        text = args.file.read_text(encoding="utf-8")
+        text = read_text_file(args.file)
     except FileNotFoundError:
         raise UsageError(f"{args.file} does not exist; pass a UTF-8 text file") from None
     except (OSError, UnicodeDecodeError) as exc:

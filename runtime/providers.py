@@ -132,7 +132,8 @@ def physical_cores() -> int | None:
     for cpu in cpus:
         topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+            cores.add(((topo / "physical_package_id").read_text(encoding="ascii").strip(),
+                       (topo / "core_id").read_text(encoding="ascii").strip()))
         except OSError:
             return max(1, len(cpus))
     return max(1, len(cores))

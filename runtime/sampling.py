@@ -444,7 +444,9 @@ def _penalized(logits: np.ndarray, params: SamplingParams, history: History | No
     x = _as_logits(logits)
     _check_1d(x)
     if params.penalized and history is not None:
-        _penalize(x, history, params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
+        # float(): an int penalty (valid) must not reach numpy as an int64 it cannot hold (2**63 overflows)
+        _penalize(x, history, float(params.repetition_penalty), float(params.presence_penalty),
+                  float(params.frequency_penalty))
     return x
 
 

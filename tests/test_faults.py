@@ -203,10 +203,11 @@ def test_unwritable_parent_is_a_clear_error(runtime_checkpoint: Path, runtime_gp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("failing_call", [1, 2], ids=["moving-the-old-one-aside", "moving-the-new-one-in"])
+@pytest.mark.parametrize("refused", ["old-aside-always", "new-in"])
 def test_rename_refused_keeps_the_earlier_output(runtime_checkpoint: Path, runtime_gpt, tmp_path: Path, monkeypatch,
-                                                 failing_call: int) -> None:
-    """Replacing an existing folder takes two renames; whichever is refused, the earlier folder is back in place."""
+                                                 refused: str) -> None:
+    """Replacing an existing folder takes two renames; whichever is refused, the earlier folder is back in place.
+    Moving the old one aside is retried (Windows refuses while a file in it is open), then reported as busy."""
     from gptedge.train import checkpoint
 
     dest = tmp_path / "ckpt"
@@ -216,16 +217,41 @@ def test_rename_refused_keeps_the_earlier_output(runtime_checkpoint: Path, runti
 
     def flaky_replace(src, dst):
         calls.append((src, dst))
-        if len(calls) == failing_call:
+        moving = "old-aside-always" if Path(src) == dest else "new-in" if ".tmp-gptedge-" in str(src) else None
+        if moving == refused:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(dst))
         return real_replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", flaky_replace)
-    with pytest.raises(GptEdgeError, match="cannot write .*nothing was written"):
+    monkeypatch.setattr(atomic, "BUSY_WAIT_S", 0.0)
+    message = "is in use and cannot be replaced" if refused == "old-aside-always" else "cannot write .*nothing"
+    with pytest.raises(GptEdgeError, match=message):
         checkpoint.save_checkpoint(dest, runtime_gpt, {}, (dest / "tokenizer.json").read_text(), None, force=True)
-    assert len(calls) >= failing_call
+    assert len(calls) == (atomic.BUSY_ATTEMPTS if refused == "old-aside-always" else 3)  # aside, new in, old back
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert temporaries(tmp_path) == []
+
+
+def test_a_rename_refused_for_a_moment_is_retried(runtime_checkpoint: Path, runtime_gpt, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    """A virus scanner that holds a file for a moment: the write waits and then replaces the folder."""
+    from gptedge.train import checkpoint
+
+    dest = tmp_path / "ckpt"
+    shutil.copytree(runtime_checkpoint, dest)
+    real_replace, refusals = os.replace, [2]
+
+    def scanner(src, dst):
+        if Path(src) == dest and refusals[0]:
+            refusals[0] -= 1
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", scanner)
+    monkeypatch.setattr(atomic, "BUSY_WAIT_S", 0.0)
+    checkpoint.save_checkpoint(dest, runtime_gpt, {"note": "new"}, (dest / "tokenizer.json").read_text(), None,
+                               force=True)
+    assert refusals == [0] and temporaries(tmp_path) == []
 
 
 def test_quantize_output_under_a_regular_file(runtime_bundle: Path, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def is_checkpoint(path: str | Path) -> bool:
     """True when `path` is a folder with a gptedge config.json and weights (cheap: reads one small JSON)."""
     path = Path(path)
     try:
-        cfg = json.loads((path / CONFIG).read_text())
+        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and cfg.get("format") == FORMAT and (path / WEIGHTS).is_file()
@@ -47,7 +47,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} not found; pass the folder `gptedge train --out` wrote")
     try:
-        cfg = json.loads((path / CONFIG).read_text())
+        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} has no {CONFIG}; it is not a gptedge checkpoint "
                               "(pass the folder `gptedge train --out` wrote)") from exc
@@ -84,7 +84,7 @@ def save_checkpoint(
     meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **config}
     with atomic_output_dir(dest, force=force) as tmp:
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (tmp / TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)

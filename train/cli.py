@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def summary(folder: Path) -> str:
     """What a finished run reached, from its config.json."""
-    info = json.loads((folder / "config.json").read_text())
+    info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     lines = [f"steps: {info['step']} ({info['tokens_seen']:,} tokens seen)"]
     if info.get("tokens_per_s"):
         lines.append(f"speed: {info['tokens_per_s']:,.0f} tokens/s ({info['train_seconds']:.1f} s training this run)")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 def kept(out: Path) -> str:
     """What an interrupted run leaves: the last checkpoint written (at an eval step), or none."""
     try:
-        step = json.loads((out / "config.json").read_text())["step"]
+        step = json.loads((out / "config.json").read_text(encoding="utf-8"))["step"]
     except (OSError, ValueError, KeyError):
         return f"no checkpoint was written to {out} yet"
     return f"the checkpoint in {out} is from step {step}; continue with --resume {out}"

@@ -29,6 +29,7 @@ import numpy as np
 
 from gptedge.atomic import atomic_output_dir
 from gptedge.errors import DataError
+from gptedge.text import decode_text
 
 CACHE_FORMAT = 1  # bump when the cached layout or the tokenization rules change
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (F.cross_entropy's default)
@@ -144,11 +145,10 @@ def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Calla
         except OSError as exc:
             raise DataError(f"cannot read {path}: {exc.strerror or exc}; fix its permissions or leave it out") from exc
         try:
-            text = raw.decode("utf-8")
+            text = decode_text(raw)  # UTF-8 whatever the locale, BOM dropped, CRLF read as LF
         except UnicodeDecodeError:
             src.skipped.append(path)
             continue
-        text = text.removeprefix("\ufeff")  # a BOM is an encoding mark, not text
         src.n_files += 1
         if path.suffix.lower() == ".jsonl":
             for prompt, completion in _read_jsonl(path, text):
@@ -159,7 +159,7 @@ def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Calla
             continue
         if max_bytes is not None and src.n_bytes + len(raw) > max_bytes:
             # Cut at the cap; errors="ignore" only drops a character split by the cut.
-            text = raw[: max_bytes - src.n_bytes].decode("utf-8", errors="ignore")
+            text = decode_text(raw[: max_bytes - src.n_bytes], errors="ignore")
         if text:
             src.texts.append(text)
             src.n_bytes += len(text.encode())
@@ -254,7 +254,7 @@ def load_or_build_tokens(
         np.save(tmp / "tokens.npy", tokens)
         if mask is not None:
             np.save(tmp / "mask.npy", mask)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     try:
         return _load_tokens(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -262,7 +262,7 @@ def load_or_build_tokens(
 
 
 def _load_tokens(folder: Path) -> TokenData:
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     tokens = np.load(folder / "tokens.npy", mmap_mode="r", allow_pickle=False)
     mask = np.load(folder / "mask.npy", mmap_mode="r", allow_pickle=False) if meta["has_mask"] else None
     return TokenData(tokens, mask, meta)

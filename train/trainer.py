@@ -349,7 +349,7 @@ def _check_out(cfg: TrainConfig) -> Path:
 def _read_metrics(folder: str | None, up_to_step: int) -> list[dict[str, Any]]:
     if not folder or not (Path(folder) / METRICS).is_file():
         return []
-    lines = (Path(folder) / METRICS).read_text().splitlines()
+    lines = (Path(folder) / METRICS).read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if r["step"] <= up_to_step]
 
 
@@ -496,5 +496,5 @@ def iter_metrics(folder: str | Path) -> Iterator[dict[str, Any]]:
     """The per-step records of a checkpoint's metrics.jsonl (train loss, lr, val loss)."""
     path = Path(folder) / METRICS
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             yield json.loads(line)
