@@ -320,8 +320,8 @@ def test_ctrl_c_in_chat_is_sigint_and_ends_cleanly(runtime_bundle) -> None:
     (scanned above): an interrupted `chat` waiting for input says goodbye and exits 0, no traceback."""
     import signal
 
-    proc = subprocess.Popen([*GPTEDGE, "chat", str(runtime_bundle), "--max-new-tokens", "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*GPTEDGE, "chat", str(runtime_bundle), "--max-new-tokens", "16"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stderr.readline()  # "chatting with ...": the model is loaded and chat waits for input
         assert b"chatting with" in line, line
