@@ -30,6 +30,8 @@ from peers import CACHE, prepare_gptedge
 
 RESULTS = HERE / "results"
 KINDS = {"fp32": "fp32", "int8": "int8-weight", "int4": "int4-weight"}
+# genai's onnxruntime threads spin between steps (onnxruntime's default); gptedge's sleep unless asked (--spin).
+RUNTIMES = ("gptedge", "gptedge --spin", "onnxruntime-genai")
 
 
 def with_genai(bundle: Path, dest: Path) -> Path:
@@ -53,11 +55,11 @@ def with_genai(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def row_gptedge(bundle: Path) -> dict:
+def row_gptedge(bundle: Path, spin: bool = False) -> dict:
     from gptedge.runtime import Model
 
     start = time.perf_counter()
-    model = Model.load(bundle, provider="cpu", threads=THREADS)
+    model = Model.load(bundle, provider="cpu", threads=THREADS, spin=spin)
     load_s = time.perf_counter() - start
     ids = random_ids(PROMPT_LEN, model.spec.architecture.vocab_size)
     model.generate(ids, max_new_tokens=8, temperature=0.0, stop_token_ids=())  # warm-up
@@ -173,7 +175,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "Why genai has its own graph: model.onnx's 128-token prefill, logits for the last position "
               "(gptedge's contract) vs every position (genai's):", ""]
     for r in rows:
-        if r["runtime"] == "gptedge":
+        if r["runtime"] == "gptedge" and "prefill_last_logits_ms" in r:
             lines.append(f"- {r['kind']}: {r['prefill_last_logits_ms']:.0f} ms vs {r['prefill_all_logits_ms']:.0f} ms")
     t = next(r for r in rows if r["runtime"] == "onnxruntime-genai")
     lines += ["", f"genai's tokenizer gave `tokenizers`' ids on {t['tokenizer_lines_equal']:.0f} of "
@@ -192,12 +194,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
-    parser.add_argument("--row", choices=("gptedge", "onnxruntime-genai"), help=argparse.SUPPRESS)
+    parser.add_argument("--row", choices=RUNTIMES, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     pin_threads()
     if args.row:
-        emit((row_gptedge if args.row == "gptedge" else row_genai)(args.bundle))
+        emit({"gptedge": row_gptedge, "gptedge --spin": lambda b: row_gptedge(b, spin=True),
+              "onnxruntime-genai": row_genai}[args.row](args.bundle))
         return
     root = CACHE / "gpt2-124m"
     methods = [KINDS[k] for k in args.kinds if k != "fp32"]
@@ -206,7 +209,7 @@ def main() -> None:
     raw: dict[tuple[str, str], list[dict]] = {}
     for n in range(args.rounds):
         for kind, bundle in bundles.items():
-            for runtime in ("gptedge", "onnxruntime-genai"):
+            for runtime in RUNTIMES:
                 print(f"round {n + 1}/{args.rounds}: {kind} {runtime}", file=sys.stderr, flush=True)
                 raw.setdefault((kind, runtime), []).append(run_row(runtime, bundle))
     rows = []

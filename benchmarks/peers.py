@@ -211,6 +211,10 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
     bundles = prepare_gptedge(hf_dir, root, args.methods, eval_text)
     for kind, path in bundles.items():
         rows.append(Row(f"gptedge-{kind}", "gptedge", path, sorted(path.glob("model.onnx*"))))
+    for kind, path in bundles.items():  # llama.cpp's threads busy-wait between tokens: the same, opted into
+        if kind != "fp32":
+            rows.append(Row(f"gptedge-{kind}-spin", "gptedge", path, sorted(path.glob("model.onnx*")),
+                            extra=["--spin"], note="Model.load(spin=True)"))
     rows.append(Row("pytorch-fp32", "pytorch", hf_dir, sorted(hf_dir.glob("*.safetensors"))))
     if _have("optimum.onnxruntime"):
         opt = prepare_optimum(hf_dir, root)
@@ -332,8 +336,12 @@ def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
             f"{f(r['late_decode_tps'], '.1f')} | {f(r['peak_rss_mb'], '.0f')} | {r['model_mb']:.0f} | {ppl} | "
             f"{r['tokens_vs_pytorch']} | {r['n']} |")
     lines.append("")
+    versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+    flags = " ".join(meta.get("cpu_flags", []))
     lines.append(f"Model: {meta['model']}; batch 1, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new greedy tokens, "
-                 f"{THREADS} threads, medians of {meta['runs']} fresh-process runs; machine: {meta['machine']}.")
+                 f"{THREADS} threads, medians of {meta['runs']} fresh-process runs; machine: {meta['machine']}"
+                 f"{f' ({flags})' if flags else ''}; {versions}; {meta.get('time', '')}. `-spin` rows: "
+                 "Model.load(spin=True), onnxruntime's threads busy-wait between tokens as llama.cpp's do.")
     if any(r.get("prefill_tps") for r in results):
         lines.append("llama-bench rows: decode is tg128; TTFT (pp) is 128 / pp128 tok/s, prefill alone (no sampling, "
                      "no first decode step); llama-bench reports neither load time nor RSS.")

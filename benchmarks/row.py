@@ -41,10 +41,10 @@ def ort_session_options():
     return so
 
 
-def load_gptedge(artifact: Path) -> tuple[Stream, int, int]:
+def load_gptedge(artifact: Path, spin: bool = False) -> tuple[Stream, int, int]:
     from gptedge.runtime import Model
 
-    model = Model.load(artifact, provider="cpu", threads=THREADS)
+    model = Model.load(artifact, provider="cpu", threads=THREADS, spin=spin)
 
     def stream(ids: list[int], n: int) -> Iterable[int]:
         # Token ids with the time each was chosen (text pieces may hold back bytes of a character).
@@ -207,12 +207,15 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--file-name", default="model.onnx", help="optimum: which ONNX file in the folder")
     parser.add_argument("--long-position", type=int, default=LONG_POSITION)
+    parser.add_argument("--spin", action="store_true", help="gptedge: onnxruntime threads spin (Model.load spin)")
     args = parser.parse_args()
     pin_threads()
     rss_start = rss_mb()  # before the row imports its libraries
     t0 = time.perf_counter()
     if args.system == "optimum":
         stream, vocab, context = load_optimum(args.artifact, args.file_name)
+    elif args.system == "gptedge":
+        stream, vocab, context = load_gptedge(args.artifact, args.spin)
     else:
         stream, vocab, context = {"gptedge": load_gptedge, "naive-ort": load_naive_ort, "pytorch": load_pytorch,
                                   "genai": load_genai, "llamacpp": load_llamacpp}[args.system](args.artifact)

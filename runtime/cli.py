@@ -16,6 +16,9 @@ from typing import Any
 from gptedge.errors import GptEdgeError, UsageError
 from gptedge.text import normalize_newlines, read_text_file
 
+SPIN_HELP = ("let onnxruntime's threads spin between steps: faster on cores nothing else uses, much slower on shared "
+             "ones (default: $GPTEDGE_SPIN, else off)")
+
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "max_new_tokens", "seed")
 
@@ -74,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                                  "(unavailable ones fall back to CPU with a warning)")
         parser.add_argument("--threads", type=int, default=None,
                             help="CPU threads per operator (default: physical cores)")
+        parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                            help=SPIN_HELP)
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 def _load(args: argparse.Namespace):
     from gptedge.runtime.model import Model
 
-    return Model.load(args.bundle, provider=args.provider, threads=args.threads)
+    return Model.load(args.bundle, provider=args.provider, threads=args.threads, spin=args.spin)
 
 
 def _prompt(text: str) -> str:

@@ -30,7 +30,14 @@ from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
 from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
 from gptedge.runtime.onnx_scan import scan_graph
-from gptedge.runtime.providers import PROVIDERS, SessionInfo, cache_key, choose_provider, create_session
+from gptedge.runtime.providers import (
+    PROVIDERS,
+    SessionInfo,
+    cache_key,
+    choose_provider,
+    create_session,
+    spin_default,
+)
 from gptedge.runtime.sampling import SamplingParams, softmax
 from gptedge.runtime.speculative import check_speculative, stream_speculative
 
@@ -92,6 +99,7 @@ class Model:
         threads: int | None = None,
         verify: bool = True,
         cache: bool = True,
+        spin: bool | None = None,
     ) -> "Model":
         """Load a bundle folder written by `gptedge export` / `gptedge quantize`,
         or a Hugging Face Optimum decoder folder.
@@ -107,17 +115,23 @@ class Model:
           inode, so an unchanged bundle is not re-hashed on every load; any change re-hashes it.
         cache: reuse (or write) the optimized graph in $GPTEDGE_CACHE or ~/.cache/gptedge, so later
           loads skip graph optimization.
+        spin: let onnxruntime's threads spin between steps instead of sleeping (default: $GPTEDGE_SPIN, else
+          off). Faster on cores nothing else needs, much slower when they are shared
+          (benchmarks/results/runtime-choices.json): for servers and benchmarks, not for apps.
         Raises BundleError (missing, tampered, unsafe, unknown format), UsageError (bad argument),
         ProviderError (the provider cannot run the graph).
         """
         start = time.perf_counter()
+        spin = spin_default() if spin is None else spin
+        if not isinstance(spin, bool):
+            raise UsageError(f"spin must be True, False or None, got {spin!r}")
         if provider not in PROVIDERS:  # before hashing a gigabyte of weights
             raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise UsageError(f"Model.load needs the path of a bundle folder, got {path!r}")
         folder = Path(path)
         if optimum.is_optimum_folder(folder):
-            engine, tokenizer, spec, info = optimum.load(folder, provider, threads)
+            engine, tokenizer, spec, info = optimum.load(folder, provider, threads, spin)
             return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
         spec = read_verified_spec(folder, verify)
         choice = choose_provider(provider, spec)
@@ -129,7 +143,7 @@ class Model:
                     scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [])
         tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
         key = cache_key(spec, folder, choice.name) if cache else None
-        session, info = create_session(model_path, choice, threads, key)
+        session, info = create_session(model_path, choice, threads, key, spin)
         engine = make_engine(session, spec, info.choice)
         return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
 

@@ -110,7 +110,7 @@ def spec_from_graph(config: dict[str, Any], inputs: dict[str, str], outputs: lis
     )
 
 
-def load(folder: Path, provider: str, threads: int | None):
+def load(folder: Path, provider: str, threads: int | None, spin: bool = False):
     """`Model.load`'s work for an Optimum folder: scan, session, synthesized spec, the same Engine.
 
     Returns (engine, tokenizer, spec, session info).
@@ -123,7 +123,7 @@ def load(folder: Path, provider: str, threads: int | None):
     scan_model(model_path)
     provisional = spec_from_graph_names_only(config)
     choice = choose_provider(provider, provisional)
-    session, info = create_session(model_path, choice, threads, key=None)
+    session, info = create_session(model_path, choice, threads, key=None, spin=spin)
     spec = spec_from_graph(config, {i.name: i.type for i in session.get_inputs()},
                            [o.name for o in session.get_outputs()])
     tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)

@@ -139,7 +139,12 @@ def physical_cores() -> int | None:
     return max(1, len(cores))
 
 
-def session_options(choice: ProviderChoice, threads: int | None) -> ort.SessionOptions:
+def spin_default() -> bool:
+    """$GPTEDGE_SPIN=1 turns thread spinning on for every load that does not say otherwise."""
+    return os.environ.get("GPTEDGE_SPIN", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def session_options(choice: ProviderChoice, threads: int | None, spin: bool = False) -> ort.SessionOptions:
     """Options tuned for one-token-at-a-time decoding: sequential, intra-op threads = physical cores."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UsageError(f"threads must be an integer >= 1 (or None for the physical core count), got {threads!r}")
@@ -149,10 +154,11 @@ def session_options(choice: ProviderChoice, threads: int | None) -> ort.SessionO
     so.intra_op_num_threads = threads or physical_cores() or 0
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to a user
-    # Spinning off (benchmarks/results/runtime-choices.json, GPT-2-124M INT8, 2 threads): on an idle machine
-    # spinning decodes faster, but next to one busy process it is far slower, and an app shares its cores
-    # (UI, other programs, a laptop's battery): threads that sleep when idle are the safer default.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning off by default (benchmarks/results/runtime-choices.json, GPT-2-124M INT8, 2 threads): on an idle
+    # machine spinning decodes faster, but next to one busy process it is far slower, and an app shares its cores
+    # (UI, other programs, a laptop's battery): threads that sleep when idle are the safer default. `spin=True`
+    # (--spin, $GPTEDGE_SPIN=1) is for a machine whose cores are the model's: a server, a benchmark.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.enable_mem_pattern = TRAITS[choice.name].memory_pattern
     return so
 
@@ -227,7 +233,7 @@ class SessionInfo:
 
 
 def create_session(model_path: Path, choice: ProviderChoice, threads: int | None,
-                   key: str | None) -> tuple[ort.InferenceSession, SessionInfo]:
+                   key: str | None, spin: bool = False) -> tuple[ort.InferenceSession, SessionInfo]:
     """Build the session, reading or filling the optimized-graph cache when `key` is given.
 
     Providers whose optimized graphs cannot be saved (DirectML's fused nodes) are not cached.
@@ -238,21 +244,21 @@ def create_session(model_path: Path, choice: ProviderChoice, threads: int | None
     if key is not None and TRAITS[choice.name].graph_cache and cache_limit_bytes() > 0:
         entry = cache_root() / "graphs" / key
         try:
-            session, info = _cached_session(model_path, choice, threads, entry)
+            session, info = _cached_session(model_path, choice, threads, entry, spin)
         except Exception as exc:  # noqa: BLE001 - any cache failure (OSError, ORT Fail...) falls back to no cache
             log.warning("gptedge: optimized-graph cache unusable at %s (%s); loading without it", entry, exc)
             info = SessionInfo(choice, f"failed: {exc}", model_path)
     if session is None:
-        session = _session(model_path, session_options(choice, threads), choice)
+        session = _session(model_path, session_options(choice, threads, spin), choice)
     return session, _check_providers(session, info)
 
 
-def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | None, entry: Path):
+def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | None, entry: Path, spin: bool):
     cached = entry / "model.onnx"
     if cached.is_file():
         try:
             scan_model(cached)  # the cache is a user-writable folder: the same checks as a bundle
-            so = session_options(choice, threads)
+            so = session_options(choice, threads, spin)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
             session = _session(cached, so, choice)
             with contextlib.suppress(OSError):
@@ -264,7 +270,7 @@ def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | Non
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
-        so = session_options(choice, threads)
+        so = session_options(choice, threads, spin)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(tmp / "model.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")

@@ -501,6 +501,12 @@ def sample_next(
     neutral).
     """
     if params.greedy:
+        if not params.penalized and isinstance(logits_row, np.ndarray) and logits_row.ndim == 1:
+            # No copy: the argmax of the row as it is; a NaN (argmax returns it first) or an all -inf row takes
+            # the full path below, which maps NaN to -inf or explains the empty row.
+            i = int(np.argmax(logits_row)) if logits_row.size else 0
+            if logits_row.size and logits_row[i] > -np.inf:
+                return i
         return _argmax(_penalized(logits_row, params, history))
     if not isinstance(rng, np.random.Generator):
         raise UsageError("sampling with temperature > 0 needs rng=np.random.default_rng(seed) (or params.make_rng())")

@@ -90,6 +90,7 @@ def test_session_options() -> None:
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.enable_mem_pattern
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(cpu, 2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(cpu, None).intra_op_num_threads == (physical_cores() or 0)
     dml = choose_provider("dml", spec(), [DML, CPU])
     assert not session_options(dml, None).enable_mem_pattern
@@ -202,3 +203,27 @@ def test_dml_runs_serialized_and_matches_cpu(runtime_bundle: Path, runtime_model
     kw = dict(temperature=0.0, max_new_tokens=12, stop_token_ids=())
     assert (model.generate("def add(a, b):", **kw).token_ids[:5]
             == runtime_model.generate("def add(a, b):", **kw).token_ids[:5])
+
+
+def test_spin_is_opt_in_through_the_argument_the_environment_and_the_cli(runtime_bundle, monkeypatch) -> None:
+    """Spinning stays off unless asked for: Model.load(spin=True), $GPTEDGE_SPIN=1, or --spin on the commands."""
+    from gptedge.runtime import Model
+    from gptedge.runtime.cli import add_arguments
+
+    def spinning(model) -> str:
+        return model.engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    monkeypatch.delenv("GPTEDGE_SPIN", raising=False)
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == "0"
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=True)) == "1"
+    monkeypatch.setenv("GPTEDGE_SPIN", "1")
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == "1"
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=False)) == "0"
+    with pytest.raises(UsageError, match="spin must be True, False or None"):
+        Model.load(runtime_bundle, spin="yes")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "generate")
+    assert parser.parse_args([str(runtime_bundle), "hi", "--spin"]).spin is True
+    assert parser.parse_args([str(runtime_bundle), "hi"]).spin is None

@@ -429,3 +429,21 @@ def test_sampling_extreme_logits_stays_within_survivors():
             assert sample_next(x, SamplingParams(temperature=temperature), rng) in (0, 2)
     x32 = np.array([3.4e38, 3.4e38, -3.4e38], dtype=np.float32)
     assert {sample_next(x32, SamplingParams(temperature=1e-6), rng) for _ in range(50)} <= {0, 1}
+
+
+def test_greedy_without_penalties_reads_the_row_as_it_is() -> None:
+    """The no-copy greedy path picks what the full path picks: first maximum, NaN never, +inf first, and an
+    all -inf (or NaN) row is still the clear error."""
+    from gptedge.runtime.sampling import SamplingParams, sample_next
+
+    greedy = SamplingParams(temperature=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        row = rng.normal(size=64).astype(np.float32)
+        row[rng.integers(0, 64, 3)] = rng.choice([np.nan, -np.inf, np.inf, row.max()], 3)
+        finite = np.where(np.isnan(row), -np.inf, row).astype(np.float64)
+        assert sample_next(row, greedy, None) == int(np.argmax(finite))
+    with pytest.raises(UsageError, match="nothing to sample"):
+        sample_next(np.full(8, np.nan, np.float32), greedy, None)
+    with pytest.raises(UsageError, match="nothing to sample"):
+        sample_next(np.full(8, -np.inf, np.float32), greedy, None)

@@ -46,6 +46,7 @@ class ServeConfig:
     bundles: list[tuple[str, Path]]
     provider: str = "auto"
     threads: int | None = None
+    spin: bool | None = None  # onnxruntime thread spinning (Model.load's spin)
     parallel: int = 4
     kv_budget_mb: float = DEFAULT_KV_BUDGET_MB
     max_queue: int = 64
@@ -93,7 +94,8 @@ class State:
 
         try:
             for name, path in self.config.bundles:
-                model = Model.load(path, provider=self.config.provider, threads=self.config.threads)
+                model = Model.load(path, provider=self.config.provider, threads=self.config.threads,
+                                   spin=self.config.spin)
                 pad = model.spec.special_tokens.get("pad_id", model.eos_id) or 0
                 batcher = Batcher(model.engine, rows=self.config.parallel, kv_budget_mb=self.config.kv_budget_mb,
                                   max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}")

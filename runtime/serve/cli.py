@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from gptedge.errors import UsageError
+from gptedge.runtime.cli import SPIN_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body accepted (413 above)")
     parser.add_argument("--provider", default="auto", help="execution provider: auto, cpu, cuda or dml")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: physical cores)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help=SPIN_HELP)
 
 
 def parse_bundles(items: list[str]) -> list[tuple[str, Path]]:
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     if args.max_body_mb <= 0 or args.queue < 0:
         raise UsageError("--max-body-mb must be > 0 and --queue >= 0")
     config = ServeConfig(
-        bundles=bundles, provider=args.provider, threads=args.threads, parallel=args.parallel,
+        bundles=bundles, provider=args.provider, threads=args.threads, spin=args.spin, parallel=args.parallel,
         kv_budget_mb=DEFAULT_KV_BUDGET_MB if args.kv_budget_mb is None else args.kv_budget_mb, max_queue=args.queue,
         api_key=args.api_key or None, cors_origins=args.cors_origin, max_body_bytes=int(args.max_body_mb * 2**20),
     )
