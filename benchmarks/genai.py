@@ -37,7 +37,7 @@ RUNTIMES = ("gptedge", "gptedge --spin", "onnxruntime-genai")
 def with_genai(bundle: Path, dest: Path) -> Path:
     """A copy of `bundle` with the genai files, written and checked as `export --genai` does. (A copy, not hard
     links: onnx refuses external data with several links, and quantizing the source would then fail.)"""
-    from gptedge.quantize.genai import check_genai_graph, has_genai, write_genai_files
+    from gptedge.quantize.genai import add_genai, has_genai
     from gptedge.runtime.bundle import read_spec, write_spec
 
     if has_genai(dest):
@@ -48,8 +48,7 @@ def with_genai(bundle: Path, dest: Path) -> Path:
     for f in bundle.iterdir():
         shutil.copy2(f, tmp / f.name)
     spec = read_spec(tmp)
-    write_genai_files(tmp, spec)
-    spec.verification["genai"] = check_genai_graph(tmp, spec, random_ids(64, spec.architecture.vocab_size))
+    add_genai(tmp, spec, random_ids(64, spec.architecture.vocab_size))
     write_spec(tmp, spec)
     tmp.rename(dest)
     return dest

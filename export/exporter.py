@@ -254,7 +254,7 @@ def export_bundle(
     from gptedge.atomic import atomic_output_dir
     from gptedge.export.graph import OPSET, export_graph, io_spec
     from gptedge.export.verify import verify
-    from gptedge.quantize.genai import check_genai_graph, write_genai_files
+    from gptedge.quantize.genai import add_genai
 
     dtype = _check_options(target, dtype, kv, genai)
     source, out_dir = Path(source), Path(out_dir)
@@ -289,8 +289,7 @@ def export_bundle(
             spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
         if genai:
             with log.stage("genai", "writing the onnxruntime-genai graph and config, checked against model.onnx"):
-                write_genai_files(tmp, spec)
-                spec.verification["genai"] = check_genai_graph(tmp, spec, ids)
+                add_genai(tmp, spec, ids)
         with log.stage("checksum", "writing gptedge.json (sha256 of every file)"):
             spec.provenance = {
                 "source": str(src.path),

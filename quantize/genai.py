@@ -183,9 +183,9 @@ def _tokenizer_size(folder: Path, spec: BundleSpec) -> int:
     return min(token_count(Tokenizer.from_file(str(folder / TOKENIZER_NAME))), spec.architecture.vocab_size)
 
 
-def write_genai_files(folder: str | Path, spec: BundleSpec) -> list[str]:
+def write_genai_files(folder: str | Path, spec: BundleSpec) -> None:
     """Write genai_model.onnx, genai_config.json and tokenizer_config.json beside the bundle's model.onnx (call
-    before write_spec, so the checksums cover them). Returns the names written."""
+    before write_spec, so the checksums cover them)."""
     folder = Path(folder)
     model = onnx.load(str(folder / MODEL_NAME), load_external_data=False)
     vocab = _tokenizer_size(folder, spec)
@@ -196,7 +196,13 @@ def write_genai_files(folder: str | Path, spec: BundleSpec) -> list[str]:
     (folder / GENAI_CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
     (folder / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config(spec), indent=2, ensure_ascii=False)
                                                 + "\n", encoding="utf-8")
-    return list(GENAI_FILES)
+
+
+def add_genai(folder: str | Path, spec: BundleSpec, token_ids: list[int]) -> None:
+    """Write the genai files into a bundle being built and record their measured check in spec.verification
+    (export --genai and quantize share this; call before write_spec)."""
+    write_genai_files(folder, spec)
+    spec.verification["genai"] = check_genai_graph(folder, spec, token_ids)
 
 
 def check_genai_graph(folder: str | Path, spec: BundleSpec, token_ids: list[int], steps: int = 4) -> dict[str, Any]:
@@ -208,7 +214,7 @@ def check_genai_graph(folder: str | Path, spec: BundleSpec, token_ids: list[int]
     import onnxruntime as ort
 
     folder, io, a = Path(folder), spec.io, spec.architecture
-    vocab = _tokenizer_size(folder, spec)
+    vocab = json.loads((folder / GENAI_CONFIG_NAME).read_text(encoding="utf-8"))["model"]["vocab_size"]
     ids = [int(t) for t in token_ids][: max(1, a.context_length - steps - 1)]
     options = ort.SessionOptions()
     options.log_severity_level = 3

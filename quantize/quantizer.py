@@ -312,10 +312,9 @@ def _install(job: _Job, chosen: Candidate, tmp: Path, record: dict[str, Any]) ->
     shutil.copy2(job.source / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
     spec = _output_spec(job.spec, record)
     if job.genai:
-        from gptedge.quantize.genai import check_genai_graph, write_genai_files
+        from gptedge.quantize.genai import add_genai
 
-        write_genai_files(tmp, spec)
-        spec.verification["genai"] = check_genai_graph(tmp, spec, list(job.texts.eval_ids[:64]))
+        add_genai(tmp, spec, list(job.texts.eval_ids[:64]))
     write_spec(tmp, spec)
 
 

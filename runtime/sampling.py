@@ -273,6 +273,8 @@ def _history_counts(history: History, vocab: int) -> tuple[np.ndarray, np.ndarra
 
 def _penalize(x: np.ndarray, history: History, repetition: float, presence: float, frequency: float) -> None:
     """In place on a NaN-free float64 row; see apply_penalties."""
+    # float(): an int penalty (valid) must not reach numpy as an int64 it cannot hold (2**63 overflows)
+    repetition, presence, frequency = float(repetition), float(presence), float(frequency)
     ids, counts = _history_counts(history, x.shape[0])
     if ids.size == 0:
         return
@@ -309,7 +311,7 @@ def apply_penalties(
     )
     x = _as_logits(logits)
     _check_1d(x)
-    _penalize(x, history, float(repetition_penalty), float(presence_penalty), float(frequency_penalty))
+    _penalize(x, history, repetition_penalty, presence_penalty, frequency_penalty)
     return x
 
 
@@ -444,9 +446,7 @@ def _penalized(logits: np.ndarray, params: SamplingParams, history: History | No
     x = _as_logits(logits)
     _check_1d(x)
     if params.penalized and history is not None:
-        # float(): an int penalty (valid) must not reach numpy as an int64 it cannot hold (2**63 overflows)
-        _penalize(x, history, float(params.repetition_penalty), float(params.presence_penalty),
-                  float(params.frequency_penalty))
+        _penalize(x, history, params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
     return x
 
 
@@ -501,11 +501,11 @@ def sample_next(
     neutral).
     """
     if params.greedy:
-        if not params.penalized and isinstance(logits_row, np.ndarray) and logits_row.ndim == 1:
+        if not params.penalized and isinstance(logits_row, np.ndarray) and logits_row.ndim == 1 and logits_row.size:
             # No copy: the argmax of the row as it is; a NaN (argmax returns it first) or an all -inf row takes
             # the full path below, which maps NaN to -inf or explains the empty row.
-            i = int(np.argmax(logits_row)) if logits_row.size else 0
-            if logits_row.size and logits_row[i] > -np.inf:
+            i = int(np.argmax(logits_row))
+            if logits_row[i] > -np.inf:
                 return i
         return _argmax(_penalized(logits_row, params, history))
     if not isinstance(rng, np.random.Generator):

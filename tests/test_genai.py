@@ -104,6 +104,8 @@ def test_genai_files_are_checksummed_checked_and_share_the_weights(bundles) -> N
 
 
 def test_quantize_carries_genai_over_or_drops_it_when_asked(bundles, text, tmp_path: Path) -> None:
+    assert all(has_genai(bundles[k]) for k in ("gpt2-int8", "gpt2-int4", "llama-int8"))  # carried over by default
+    assert "genai" in read_spec(bundles["gpt2-int8"]).verification  # and checked again on the quantized graph
     out = quantize_bundle(bundles["gpt2-fp32"], tmp_path / "q", method="int8-weight", eval_text=text,
                           max_ppl_increase=50.0, genai=False, progress=False, log=lambda _: None)
     assert not any((out / name).exists() for name in GENAI_FILES) and "genai" not in read_spec(out).verification
