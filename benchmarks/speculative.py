@@ -1,18 +1,25 @@
-"""What prompt-lookup speculative decoding buys: `python benchmarks/speculative.py`.
+"""What speculative decoding buys: `python benchmarks/speculative.py` (`--smoke`: a seconds-long check that it runs).
 
 The trained model's context is 256 tokens: prompts are a few hundred characters (cut from the left if
-longer). Two things are measured:
+longer). Measured:
 1. The price of a verify step: one engine step of k new tokens against k = 1 (GPT-2-124M-shape INT8
    bundle, position ~200, 2 threads), which bounds what accepted proposals can save.
-2. Plain greedy against `speculative="lookup"` on a trained model (the `small` preset trained on the
-   standard library's source, exported and quantized to INT8 here, reused from benchmarks/.cache),
-   on input-grounded prompts (code to continue after the same code) and open-ended ones (a function
-   to write); each pair must give identical tokens.
-Writes benchmarks/results/speculative.json.
+2. On a trained model (the `small` preset trained on the standard library's source, exported and
+   quantized to INT8 here, reused from benchmarks/.cache), on input-grounded prompts (code to continue
+   after the same code) and open-ended ones (a function to write):
+   - greedy: plain against `speculative="lookup"` and against a draft model (the `small` recipe at
+     DRAFT_SHAPE, the same tokenizer, fp32, trained here once, in a fraction of the model's training time);
+     each pair must give identical tokens;
+   - sampling (SAMPLING, unseeded, so the draft's pacing may use measured times): plain against lookup
+     and the draft. The texts differ run to run; what is compared is tokens per second and acceptance
+     (the distribution is the same: tests/test_speculative_draft.py).
+   The cost of one decode step of the model and of the draft is reported with them.
+Writes benchmarks/results/speculative.json (not in --smoke mode).
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import statistics
@@ -25,6 +32,8 @@ from common import HERE, THREADS, machine, make_random_gpt2, pin_threads
 from peers import CACHE, prepare_gptedge
 
 NEW_TOKENS = 96
+DRAFT_SHAPE = dict(n_layer=1, n_head=2, n_embd=64)  # ~1/4 of the `small` model's layers and 1/2 its width
+SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
 def verify_costs(bundle: Path) -> dict[str, float]:
@@ -48,25 +57,53 @@ def verify_costs(bundle: Path) -> dict[str, float]:
     return out
 
 
-def trained_bundle() -> Path:
+def step_ms(model, position: int = 100) -> float:
+    """Median milliseconds of one one-token decode step around `position` (at most half the context)."""
+    engine = model.engine
+    position = min(position, model.context_length // 2)
+    cache = engine.new_cache(1, position + 1)
+    engine.forward(cache, np.arange(position, dtype=np.int64)[None, :] % 100)
+    times = []
+    for _ in range(32):
+        t = time.perf_counter()
+        engine.forward(cache, np.array([[7]], np.int64))
+        times.append(time.perf_counter() - t)
+        cache.lengths -= 1
+    engine.release(cache)
+    return 1000 * statistics.median(times)
+
+
+def trained_bundles(root: Path, preset: str, steps: int | None, quantize: bool) -> tuple[Path, Path]:
+    """(the model, its draft): checkpoints trained with the same tokenizer (the same corpus and vocabulary
+    size give the same cached tokenizer), exported; the model quantized to INT8 when `quantize`."""
     from gptedge.demo import heldout_text
     from gptedge.export.exporter import export_bundle
     from gptedge.quantize.quantizer import quantize_bundle
-    from gptedge.train.checkpoint import is_checkpoint
+    from gptedge.train.checkpoint import TOKENIZER, is_checkpoint
     from gptedge.train.trainer import TrainConfig, train
 
-    root = CACHE / "small-trained"
-    ckpt, fp32, int8 = root / "ckpt", root / "fp32", root / "int8"
-    if not is_checkpoint(ckpt):
-        train(TrainConfig(out=str(ckpt), preset="small", force=True, progress=False))
-    if not (fp32 / "gptedge.json").exists():
-        export_bundle(ckpt, fp32, force=True, progress=False)
-    if not (int8 / "gptedge.json").exists():
-        quantize_bundle(fp32, int8, method="int8-weight", eval_text=heldout_text(60_000), force=True, progress=False)
-    return int8
+    model_ckpt, draft_ckpt = root / "ckpt", root / "draft-ckpt"
+    if not is_checkpoint(model_ckpt):
+        train(TrainConfig(out=str(model_ckpt), preset=preset, steps=steps, force=True, progress=False))
+    if not is_checkpoint(draft_ckpt):
+        train(TrainConfig(out=str(draft_ckpt), preset=preset, steps=steps, force=True, progress=False, **DRAFT_SHAPE))
+    if (model_ckpt / TOKENIZER).read_text() != (draft_ckpt / TOKENIZER).read_text():
+        raise SystemExit(f"{draft_ckpt} was trained with another tokenizer than {model_ckpt}; delete both and rerun")
+    bundles = {}
+    for name, ckpt in (("fp32", model_ckpt), ("draft-fp32", draft_ckpt)):
+        bundles[name] = root / name
+        if not (bundles[name] / "gptedge.json").exists():
+            export_bundle(ckpt, bundles[name], force=True, progress=False)
+    model = bundles["fp32"]
+    if quantize:
+        model = root / "int8"
+        if not (model / "gptedge.json").exists():
+            quantize_bundle(bundles["fp32"], model, method="int8-weight", eval_text=heldout_text(60_000), force=True,
+                            progress=False)
+    return model, bundles["draft-fp32"]
 
 
-def workloads() -> dict[str, list[str]]:
+def workloads(per_kind: int | None = None) -> dict[str, list[str]]:
     import json as json_module
     import textwrap as textwrap_module
 
@@ -78,43 +115,71 @@ def workloads() -> dict[str, list[str]]:
             grounded.append(chunk + "\n\n" + chunk[:120])  # continue code that is already in the prompt
     open_ended = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "import os\n\n\ndef main(",
                   "for i in range(", "def parse_args(argv):\n    "]
-    return {"input-grounded": grounded, "open-ended": open_ended}
+    return {"input-grounded": grounded[:per_kind], "open-ended": open_ended[:per_kind]}
 
 
-def compare(bundle: Path) -> dict[str, dict]:
-    from gptedge.runtime import Model
-
-    model = Model.load(bundle, provider="cpu", threads=THREADS)
-    kw = dict(temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=(), truncate="left")  # context 256
-    model.generate("def f():", **kw)
+def compare(model, draft, sampling: dict, new_tokens: int, per_kind: int | None) -> dict[str, dict]:
+    """Plain decoding against each speculative mode over the workloads, with `sampling`'s settings."""
+    kw = dict(max_new_tokens=new_tokens, stop_token_ids=(), truncate="left", **sampling)  # context 256
+    modes = {"lookup": "lookup", "draft": draft}
     out = {}
-    for name, prompts in workloads().items():
-        plain_s, fast_s, tokens, proposed, accepted, identical = 0.0, 0.0, 0, 0, 0, 0
+    for name, prompts in workloads(per_kind).items():
+        plain_s, tokens = 0.0, 0
+        rows = {mode: dict(seconds=0.0, proposed=0, accepted=0, identical=0) for mode in modes}
         for prompt in prompts:
             t = time.perf_counter()
             plain = model.generate(prompt, **kw)
             plain_s += time.perf_counter() - t
-            t = time.perf_counter()
-            fast = model.generate(prompt, speculative="lookup", **kw)
-            fast_s += time.perf_counter() - t
-            identical += fast.token_ids == plain.token_ids
             tokens += len(plain.token_ids)
-            proposed += fast.timings.proposed
-            accepted += fast.timings.accepted
-        out[name] = {"prompts": len(prompts), "tokens": tokens, "plain_tokens_per_s": tokens / plain_s,
-                     "lookup_tokens_per_s": tokens / fast_s, "speedup": plain_s / fast_s, "proposed": proposed,
-                     "accepted": accepted, "identical_outputs": f"{identical}/{len(prompts)}"}
+            for mode, how in modes.items():
+                t = time.perf_counter()
+                fast = model.generate(prompt, speculative=how, **kw)
+                row = rows[mode]
+                row["seconds"] += time.perf_counter() - t
+                row["identical"] += fast.token_ids == plain.token_ids
+                row["proposed"] += fast.timings.proposed
+                row["accepted"] += fast.timings.accepted
+        out[name] = {"prompts": len(prompts), "tokens": tokens, "plain_tokens_per_s": tokens / plain_s}
+        for mode, row in rows.items():
+            out[name][mode] = {"tokens_per_s": tokens / row["seconds"], "speedup": plain_s / row["seconds"],
+                               "proposed": row["proposed"], "accepted": row["accepted"]}
+            if sampling.get("temperature", 1.0) == 0:
+                out[name][mode]["identical_outputs"] = f"{row['identical']}/{len(prompts)}"
     return out
 
 
+def trained_rows(model_path: Path, draft_path: Path, new_tokens: int, per_kind: int | None) -> dict:
+    from gptedge.runtime import Model
+
+    model = Model.load(model_path, provider="cpu", threads=THREADS)
+    draft = Model.load(draft_path, provider="cpu", threads=THREADS)
+    model.generate("def f():", max_new_tokens=8, speculative=draft)  # warm both sessions
+    return {
+        "step_ms": {"model": step_ms(model), "draft": step_ms(draft)},
+        "draft_shape": DRAFT_SHAPE,
+        "greedy": compare(model, draft, dict(temperature=0.0), new_tokens, per_kind),
+        "sampling": {"settings": SAMPLING, **compare(model, draft, SAMPLING, new_tokens, per_kind)},
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models trained for a few steps, two prompts a workload, nothing written: "
+                             "checks that the script runs")
+    args = parser.parse_args()
     pin_threads()
+    if args.smoke:
+        model, draft = trained_bundles(CACHE / "speculative-smoke", "tiny", 3, quantize=False)
+        print(json.dumps(trained_rows(model, draft, 12, 2), indent=1))
+        return
     root = CACHE / "gpt2-124m"
     shape_bundle = prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"]
+    model, draft = trained_bundles(CACHE / "small-trained", "small", None, quantize=True)
     result = {
         **machine(), "new_tokens": NEW_TOKENS,
         "verify_step_ms_gpt2_124m_int8": verify_costs(shape_bundle),
-        "small_trained_int8": compare(trained_bundle()),
+        "small_trained_int8": trained_rows(model, draft, NEW_TOKENS, None),
     }
     (HERE / "results" / "speculative.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

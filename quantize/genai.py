@@ -213,6 +213,8 @@ def check_genai_graph(folder: str | Path, spec: BundleSpec, token_ids: list[int]
     import numpy as np
     import onnxruntime as ort
 
+    from gptedge.runtime.engine import NP_DTYPES
+
     folder, io, a = Path(folder), spec.io, spec.architecture
     vocab = json.loads((folder / GENAI_CONFIG_NAME).read_text(encoding="utf-8"))["model"]["vocab_size"]
     ids = [int(t) for t in token_ids][: max(1, a.context_length - steps - 1)]
@@ -220,7 +222,7 @@ def check_genai_graph(folder: str | Path, spec: BundleSpec, token_ids: list[int]
     options.log_severity_level = 3
     sessions = [ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
                 for name in (MODEL_NAME, GENAI_MODEL_NAME)]
-    dtype = np.float16 if spec.kv_cache.dtype == "fp16" else np.float32
+    dtype = NP_DTYPES[spec.kv_cache.dtype]
     capacity = len(ids) + steps
     pasts = [{n: np.zeros((1, a.n_kv_head, capacity, a.head_dim), dtype) for n in io.past_names(a.n_layer)}
              for _ in sessions]
@@ -248,7 +250,7 @@ def check_genai_graph(folder: str | Path, spec: BundleSpec, token_ids: list[int]
             raise BundleError(f"genai graph logits {results[1].shape} != gptedge's {results[0].shape}")
         worst = max(worst, float(np.abs(results[0] - results[1]).max()))
         done, new = total, [int(results[0][0, -1].argmax())]
-    scale = 1e-4 if dtype == np.float32 else 2e-2
+    scale = 1e-4 if spec.dtype == "fp32" else 2e-2
     if not worst <= scale * max(1.0, float(np.abs(results[0]).max())):
         raise BundleError(f"the genai graph's logits differ from model.onnx's by {worst:.3g}, more than rounding; "
                           "nothing was written (a gptedge bug: please report it with the bundle's gptedge.json)")

@@ -45,6 +45,7 @@ from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, read_
 
 DEFAULT_MAX_PPL_INCREASE = 2.0  # percent
 SCRATCH = ".scratch"  # candidates are built here, inside the output's temporary folder
+KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see (about 20 s of prefill at 124M)
 
 # The method `--method auto` picks per target, and why. CPU runs every recipe fused; which one decodes
 # fastest is measured by benchmarks/quantize_methods.py (benchmarks/results/quantize-methods.json: decode
@@ -96,6 +97,15 @@ class _Job:
     windows: list[np.ndarray] | None  # calibration windows (static recipes only)
     progress: bool
     genai: bool  # write the onnxruntime-genai graph and config beside the quantized model (gptedge.quantize.genai)
+    kv_cache: str | None = None  # "int8": the cache is quantized too (gptedge.quantize.kvcache); None: as the source
+    kv_windows: list[np.ndarray] | None = None  # the int8 cache's calibration windows
+
+    @property
+    def run_spec(self) -> BundleSpec:
+        """The spec a candidate runs under: the source's, with the quantized cache when one is built."""
+        if self.kv_cache is None:
+            return self.spec
+        return replace(self.spec, kv_cache=replace(self.spec.kv_cache, dtype=self.kv_cache))
 
 
 def model_bytes(folder: Path) -> int:
@@ -129,6 +139,26 @@ def _recipe(spec: BundleSpec, method: str, log: Log) -> Method:
         raise QuantizeError(f"{recipe.name} needs an fp32 bundle and this one is {spec.dtype}; "
                             f"use one of: {', '.join(others)}")
     return recipe
+
+
+def _kv_cache(spec: BundleSpec, kv_cache: str | None) -> str | None:
+    """The KV cache dtype to build (None: keep the source's); refused before any work when the bundle cannot have it."""
+    from gptedge.quantize.kvcache import KV_DTYPES
+    from gptedge.runtime.traits import TRAITS
+
+    if kv_cache is None or kv_cache == spec.kv_cache.dtype:
+        return None
+    if kv_cache not in KV_DTYPES:
+        raise QuantizeError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_DTYPES)} (or the source's "
+                            f"{spec.kv_cache.dtype})")
+    if spec.kv_cache.update != "inplace":
+        raise QuantizeError(f"an {kv_cache} KV cache needs the in-place cache (GroupQueryAttention); this bundle was "
+                            "exported with --kv concat: re-export it without that, or drop --kv-cache")
+    if kv_cache not in TRAITS[spec.target].quantized_kv or spec.dtype != "fp32":
+        where = [n for n, t in TRAITS.items() if kv_cache in t.quantized_kv]
+        raise QuantizeError(f"an {kv_cache} KV cache is verified for fp32 bundles of target {' / '.join(where)} only; "
+                            f"this bundle is {spec.dtype} for {spec.target}: drop --kv-cache")
+    return kv_cache
 
 
 def _block_size(spec: BundleSpec, recipe: Method, block_size: int | None, log: Log) -> int:
@@ -174,9 +204,18 @@ def _calibration_windows(ids: np.ndarray, context: int, max_windows: int = 32, l
     return [ids[s:s + length] for s in starts]
 
 
+def _kv_windows(ids: np.ndarray, context: int, length: int = 256, max_tokens: int = KV_CALIBRATION_TOKENS
+               ) -> list[np.ndarray]:
+    """The calibration text cut into consecutive prefill windows, up to `max_tokens`: a cache scale is a maximum, so
+    every calibration token counts (a prefill is cheap next to the static recipe's per-window statistics)."""
+    length = min(length, context)
+    ids = ids[:max_tokens]
+    return [ids[s:s + length] for s in range(0, len(ids), length) if len(ids[s:s + length])]
+
+
 def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None, eval_text: TextInput | None,
              max_ppl_increase: float | None, float_embeddings: bool, block_size: int | None, max_eval_tokens: int,
-             genai: bool | None, force: bool, progress: bool, log: Log) -> _Job:
+             genai: bool | None, kv_cache: str | None, force: bool, progress: bool, log: Log) -> _Job:
     """Every check that costs seconds, in order, before minutes of work: a bad option fails fast, writing nothing."""
     from tokenizers import Tokenizer
 
@@ -184,15 +223,19 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     recipe = _recipe(spec, method, log)
     block = _block_size(spec, recipe, block_size, log)
     limit = _gate_limit(max_ppl_increase, max_eval_tokens)
+    kv = _kv_cache(spec, kv_cache)
     _check_out(source, out, force)
     genai = _genai(source, spec, genai)
     tokenizer = Tokenizer.from_file(str(source / TOKENIZER_NAME))
-    texts = load_texts(tokenizer, calibration, eval_text, recipe.calibrated, max_eval_tokens)
+    calibrates = recipe.calibrated or kv is not None
+    texts = load_texts(tokenizer, calibration, eval_text, calibrates, max_eval_tokens)
     context = spec.architecture.context_length
     data = gate.make_eval_set(texts.eval_ids, context)
     log(texts.note)
     windows = _calibration_windows(texts.calibration_ids, context) if recipe.calibrated else None
-    return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress, genai)
+    kv_windows = _kv_windows(texts.calibration_ids, context) if kv else None
+    return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress, genai, kv,
+                kv_windows)
 
 
 def _genai(source: Path, spec: BundleSpec, asked: bool | None) -> bool:
@@ -256,11 +299,28 @@ def _candidate(job: _Job, scratch: Path, head: bool, reference: gate.Measurement
     """One way to quantize (LM head quantized or float), built in its own scratch folder and gated against the
     float reference on the same held-out text."""
     label = f"{job.recipe.name}, LM head {f'int{head_bits(job.recipe)}' if head else job.spec.dtype}"
+    if job.kv_cache:
+        label += f", KV {job.kv_cache}"
     folder = scratch / ("head-quantized" if head else "head-float")
-    candidate = Candidate(label, head, folder, _build(job, folder, head), model_bytes(folder))
-    measured = _measure(_engine(folder / MODEL_NAME, job.spec), job.data, label, job.progress, reference)
+    details = _build(job, folder, head)
+    if job.kv_cache:
+        details["kv_cache"] = _quantize_cache(job, folder / MODEL_NAME)
+    candidate = Candidate(label, head, folder, details, model_bytes(folder))
+    measured = _measure(_engine(folder / MODEL_NAME, job.run_spec), job.data, label, job.progress, reference)
     candidate.report = gate.compare(reference, measured, job.data, job.max_ppl_increase)
     return candidate
+
+
+def _quantize_cache(job: _Job, model_path: Path) -> dict[str, Any]:
+    """Calibrate the cache scales on this candidate's own keys and values (its weights make them), then rewrite it."""
+    from tqdm.auto import tqdm
+
+    from gptedge.quantize.kvcache import quantize_kv_cache
+
+    with tqdm(total=len(job.kv_windows), desc="calibrating the KV cache", unit="window", disable=not job.progress,
+              leave=False) as bar:
+        return quantize_kv_cache(model_path, job.spec, job.kv_windows, _engine(model_path, job.spec),
+                                 lambda: bar.update(1))
 
 
 def _choose(job: _Job, candidates: list[Candidate], reference: gate.Measurement, float_bytes: int,
@@ -331,6 +391,7 @@ def quantize_bundle(
     block_size: int | None = None,
     max_eval_tokens: int = 4096,
     genai: bool | None = None,
+    kv_cache: str | None = None,
     force: bool = False,
     progress: bool = True,
     log: Log | None = None,
@@ -351,13 +412,16 @@ def quantize_bundle(
     max_eval_tokens: cap on held-out tokens scored per model.
     genai: write the onnxruntime-genai graph and config too (checked against the quantized model.onnx);
       None: when the source bundle has them.
+    kv_cache: "int8" stores the KV cache as int8 with per-channel scales calibrated on the calibration text
+      (gptedge.quantize.kvcache): a quarter of the cache memory, faster attention at long positions; the gate
+      measures the model with it. None: the source's cache dtype.
     Raises QuantizeError (bad option, method the target cannot run, short text, gate failed),
     BundleError (not a bundle), OutputExistsError; in every failure nothing is written.
     """
     log = log or _stderr
     out = Path(out_dir)
     job = _prepare(Path(bundle), out, method, calibration, eval_text, max_ppl_increase, float_embeddings, block_size,
-                   max_eval_tokens, genai, force, progress, log)
+                   max_eval_tokens, genai, kv_cache, force, progress, log)
     started = time.perf_counter()
     reference, measured_on = _measure_reference(job, log)
     float_bytes = model_bytes(job.source)
@@ -390,7 +454,12 @@ def _output_spec(spec: BundleSpec, record: dict[str, Any]) -> BundleSpec:
         "quantize_tools": {"gptedge": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
         "quantized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return replace(spec, quantization=record, provenance=provenance, verification={}, files={})
+    record = dict(record)
+    kv_record = record.pop("kv_cache", None)
+    kv = spec.kv_cache
+    if kv_record is not None:
+        kv = replace(kv, dtype=kv_record["dtype"], quantization=kv_record)
+    return replace(spec, quantization=record, provenance=provenance, verification={}, files={}, kv_cache=kv)
 
 
 __all__ = ["quantize_bundle", "build_quantized_model", "read_text", "AUTO", "DEFAULT_MAX_PPL_INCREASE"]

@@ -118,7 +118,7 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
         held, cal = cal, None
         note = f"held-out text: the calibration text ({cal_desc}; nothing is calibrated by this method)"
     if need_calibration and len(cal) < MIN_CALIBRATION_TOKENS:
-        raise QuantizeError(f"calibration text is too short: {len(cal)} tokens, int8-static needs at least "
+        raise QuantizeError(f"calibration text is too short: {len(cal)} tokens, calibrating needs at least "
                             f"{MIN_CALIBRATION_TOKENS}; pass more text with --calibration")
     if len(held) < MIN_EVAL_TOKENS:
         raise QuantizeError(f"held-out text is too short for the quality gate: {len(held)} tokens, at least "

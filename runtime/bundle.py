@@ -47,6 +47,8 @@ GENAI_MODEL_NAME = "genai_model.onnx"
 GENAI_CONFIG_NAME = "genai_config.json"
 TARGETS = PROVIDER_NAMES  # a bundle is built for one provider (gptedge.runtime.traits)
 DTYPES = ("fp32", "fp16")
+# A KV cache can also be int8 (gptedge.quantize.kvcache: calibrated per-channel scales, in-place graphs only).
+KV_DTYPES = (*DTYPES, "int8")
 KV_UPDATES = ("inplace", "concat")
 # Anything bigger than this in gptedge.json's dimensions is a hostile or broken file, not a model.
 _MAX_DIM = 1 << 22
@@ -110,7 +112,8 @@ class IOSpec:
 class KVCacheSpec:
     update: str = "inplace"  # "inplace": past and present share one buffer; "concat": present = past ++ new
     layout: str = "BNSH"  # [batch, kv heads, positions, head_dim]
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # KV_DTYPES; "int8" is written by `quantize --kv-cache int8`
+    quantization: dict[str, Any] | None = None  # int8: how its scales were calibrated (the scales live in the graph)
 
 
 @dataclass
@@ -155,8 +158,11 @@ class BundleSpec:
             raise BundleError(f"{SPEC_NAME}: target {self.target!r} is not one of {TARGETS}")
         if self.kv_cache.update not in KV_UPDATES:
             raise BundleError(f"{SPEC_NAME}: kv_cache.update {self.kv_cache.update!r} is not one of {KV_UPDATES}")
-        if self.kv_cache.dtype not in DTYPES:
-            raise BundleError(f"{SPEC_NAME}: kv_cache.dtype {self.kv_cache.dtype!r} is not one of {DTYPES}; "
+        if self.kv_cache.dtype not in KV_DTYPES:
+            raise BundleError(f"{SPEC_NAME}: kv_cache.dtype {self.kv_cache.dtype!r} is not one of {KV_DTYPES}; "
+                              "the bundle is corrupt, re-export it")
+        if self.kv_cache.dtype not in DTYPES and self.kv_cache.update != "inplace":
+            raise BundleError(f"{SPEC_NAME}: a {self.kv_cache.dtype} KV cache needs kv_cache.update 'inplace'; "
                               "the bundle is corrupt, re-export it")
         self._validate_fields()
 
@@ -196,16 +202,20 @@ class BundleSpec:
                               "or re-export the bundle") from exc
 
 
+_ONNX_TYPES = {"fp32": 1, "fp16": 10, "int8": 3}  # onnx.TensorProto's element types, without importing onnx
+
+
 def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list],
-                position_tables: list[list[int]]) -> None:
+                position_tables: list[list[int]], types: dict[str, int] | None = None) -> None:
     """Refuse a gptedge.json whose sizes or names disagree with the graph it describes.
 
     gptedge.json holds the checksums, so nothing checks it but this: without it, a hand-edited
     n_layer or head size makes the engine allocate KV buffers for the wrong model (terabytes for
     absurd values) and onnxruntime fail mid-generation. `inputs`/`outputs` map graph names to their
     declared shapes (ints, or strings for symbolic axes); `position_tables` are the dims of the tables
-    the graph indexes with its position ids (one row per position: the context cannot be longer).
-    Runs on what the scanner read, before onnxruntime sees the file.
+    the graph indexes with its position ids (one row per position: the context cannot be longer);
+    `types` their element types (TensorProto's enum; 0 or absent: not declared), which must be the
+    KV cache's dtype. Runs on what the scanner read, before onnxruntime sees the file.
     """
     a, io = spec.architecture, spec.io
     problems = []
@@ -223,6 +233,10 @@ def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, li
         if (len(kv) == 4 and (kv[1], kv[3]) != (a.n_kv_head, a.head_dim)
                 and all(isinstance(d, int) for d in (kv[1], kv[3]))):
             problems.append(f"n_kv_head={a.n_kv_head}, head_dim={a.head_dim} but the KV inputs are {kv}")
+        declared = (types or {}).get(io.past_key.format(layer=0), 0)
+        if declared and declared != _ONNX_TYPES[spec.kv_cache.dtype]:
+            named = {v: k for k, v in _ONNX_TYPES.items()}.get(declared, f"type {declared}")
+            problems.append(f"kv_cache.dtype={spec.kv_cache.dtype} but the graph's KV inputs are {named}")
     logits = outputs.get(io.logits)
     if logits is None:
         problems.append(f"no graph output {io.logits!r}")

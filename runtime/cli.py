@@ -42,10 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--top", type=int, default=10, help="how many candidate tokens to list")
     if command in ("generate", "chat"):
         _add_sampling(parser)
+        g = parser.add_argument_group("speculative decoding (exact: greedy gives the same text, sampling the same "
+                                      "distribution)")
+        g.add_argument("--lookup", action="store_true",
+                       help="propose tokens that followed earlier occurrences of the last few in the prompt and "
+                            "output, and verify several per step: faster when the output copies from the prompt")
+        g.add_argument("--draft", type=Path, default=None, metavar="BUNDLE",
+                       help="a smaller bundle with the same tokenizer proposes tokens, verified several per step "
+                            "(loaded with the same --provider and --threads)")
     if command == "generate":
-        parser.add_argument("--lookup", action="store_true",
-                            help="speculative decoding from prompt lookup (greedy only: --temperature 0): the same "
-                                 "text, faster when it copies from the prompt")
         parser.add_argument("--stats", action="store_true",
                             help="print time to first token and decode tokens/s to stderr afterwards")
         parser.add_argument("--truncate-left", action="store_true",
@@ -146,10 +151,20 @@ def run(args: argparse.Namespace, command: str) -> int:
             raise type(exc)(cli_message(str(exc))) from None
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, bundle: Path | None = None):
     from gptedge.runtime.model import Model
 
-    return Model.load(args.bundle, provider=args.provider, threads=args.threads, spin=args.spin)
+    return Model.load(args.bundle if bundle is None else bundle, provider=args.provider, threads=args.threads,
+                      spin=args.spin)
+
+
+def _speculative(args: argparse.Namespace):
+    """What --lookup / --draft ask for, as `Model.stream`'s `speculative` (the draft loaded like the model)."""
+    if args.lookup and args.draft is not None:
+        raise UsageError("--lookup and --draft exclude each other; choose one way to propose tokens")
+    if args.draft is not None:
+        return _load(args, args.draft)
+    return "lookup" if args.lookup else None
 
 
 def _prompt(text: str) -> str:
@@ -167,9 +182,10 @@ def _prompt(text: str) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
+    speculative = _speculative(args)
     model = _load(args)
-    stream = model.stream(prompt, truncate="left" if args.truncate_left else None,
-                          speculative="lookup" if args.lookup else None, **_sampling_kwargs(args))
+    stream = model.stream(prompt, truncate="left" if args.truncate_left else None, speculative=speculative,
+                          **_sampling_kwargs(args))
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -180,7 +196,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"prompt tokens {t.prompt_tokens} | generated {t.generated_tokens} | finish {result.finish_reason} | "
               f"time to first token {t.ttft_s * 1000:.1f} ms | decode {t.decode_tokens_per_s:.1f} tokens/s | "
               f"provider {model.provider} | load {model.load_seconds:.2f} s"
-              + (f" | lookup accepted {t.accepted}/{t.proposed}" if args.lookup else ""), file=sys.stderr)
+              + (f" | {'lookup' if args.lookup else 'draft'} accepted {t.accepted}/{t.proposed}"
+                 if speculative is not None else ""), file=sys.stderr)
     return 0
 
 
@@ -193,6 +210,7 @@ def _chat(args: argparse.Namespace) -> int:
             source = read_text_file(args.chat_template)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read --chat-template {args.chat_template}: {exc}") from None
+    speculative = _speculative(args)
     model = _load(args)
     template = template_for(model, source)
     kwargs = _sampling_kwargs(args)
@@ -222,7 +240,7 @@ def _chat(args: argparse.Namespace) -> int:
         prompt = fit_messages(model, template, messages, params.max_new_tokens)
         sys.stdout.write("model>")
         answer = []
-        stream = model.stream(prompt, params)
+        stream = model.stream(prompt, params, speculative=speculative)
         try:
             for piece in stream:
                 answer.append(piece)
@@ -288,6 +306,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kv_note(spec) -> str:
+    """How a quantized cache's scales were made, for `info` (empty for a float cache)."""
+    q = spec.kv_cache.quantization
+    if not q:
+        return ""
+    cal = q.get("calibration", {})
+    return (f" ({str(q.get('granularity', '?')).replace('_', '-')} scales calibrated on {cal.get('tokens', '?')} "
+            f"tokens in {cal.get('windows', '?')} windows)")
+
+
 def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
     """Human summary of a bundle's gptedge.json."""
     from gptedge.runtime.bundle import GENAI_CONFIG_NAME, GENAI_MODEL_NAME
@@ -297,7 +325,7 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
         f"architecture  {a.family}: {a.n_layer} layers, {a.n_head} heads ({a.n_kv_head} kv) x {a.head_dim}, "
         f"n_embd {a.n_embd}, vocab {a.vocab_size}, context {a.context_length}",
         f"dtype         {spec.dtype} (target {spec.target})",
-        f"kv cache      {spec.kv_cache.update}, {spec.kv_cache.layout}, {spec.kv_cache.dtype}",
+        f"kv cache      {spec.kv_cache.update}, {spec.kv_cache.layout}, {spec.kv_cache.dtype}{_kv_note(spec)}",
         f"special       {', '.join(f'{k}={v!r}' for k, v in spec.special_tokens.items()) or 'none'}",
         f"defaults      {', '.join(f'{k}={v!r}' for k, v in spec.generation_defaults.items()) or 'none'}",
         f"format        version {spec.format_version}; checksums {'verified' if verified else 'not checked'}",

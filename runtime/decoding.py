@@ -13,8 +13,10 @@ assembly are written once:
         ... yield step.text, feed step.token ...
     result = seq.finish()                      # GenerationResult; "cancelled" if stopped early
 
-The single-request stream, the padded batch and the server's continuous batcher are its users; a
-speculative decoder would be another (it advances the same object with verified tokens).
+The single-request stream, the padded batch and the server's continuous batcher are its users, and so
+are the speculative decoders: `advance` is `commit(choose(logits), logits)`, and a speculative decoder
+chooses with its acceptance rule instead (reading `distribution`, the same one `choose` draws from, and
+`rng`) and commits the same way, so history, text, stops, log probabilities and timings are written once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from gptedge.runtime.detokenizer import StreamingDetokenizer, token_count
-from gptedge.runtime.sampling import SamplingParams, log_softmax, sample_next
+from gptedge.runtime.sampling import (
+    SamplingParams,
+    TokenDistribution,
+    log_softmax,
+    sample_next,
+    token_distribution,
+)
 from gptedge.runtime.stopping import StopStringMatcher
 
 
@@ -194,14 +202,42 @@ class Decoding:
         """KV positions this sequence can use: prompt + budget (the last sampled token is never fed)."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
-    def advance(self, logits: np.ndarray) -> Step:
-        """Sample the next token from `logits` [V >= vocab] and move the state past it."""
+    @property
+    def vocab(self) -> int:
+        """Ids below this have text (the tokenizer's entries); a padded embedding's rows above it are never chosen."""
+        return self._vocab
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The sequence's own generator: every random choice of this generation draws from it."""
+        return self._rng
+
+    def _row(self, logits: np.ndarray) -> np.ndarray:
         if self.done:
-            raise RuntimeError("advance() on a finished sequence")
+            raise RuntimeError("choosing a token for a finished sequence")
         row = logits[: self._vocab]  # padded embedding rows have no text: never sampled
         if self.constraint is not None:
             row = self.constraint.mask(np.array(row, np.float32))
-        token = sample_next(row, self.params, self._rng, self._history)
+        return row
+
+    def distribution(self, logits: np.ndarray) -> TokenDistribution:
+        """What `choose` draws the next token from, given `logits` [V >= vocab] for the position after the
+        tokens so far: the constraint's mask, then the sampler's processing (penalties over the history)."""
+        return token_distribution(self._row(logits), self.params, self._history)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """Sample the next token from `logits` [V >= vocab] without moving the state (see `commit`)."""
+        return sample_next(self._row(logits), self.params, self._rng, self._history)
+
+    def advance(self, logits: np.ndarray) -> Step:
+        """Sample the next token from `logits` [V >= vocab] and move the state past it."""
+        return self.commit(self.choose(logits), logits)
+
+    def commit(self, token: int, logits: np.ndarray) -> Step:
+        """Move the state past `token`, chosen from `logits` (by `choose`, or a speculative decoder's
+        acceptance rule): history, text, stops, constraint, log probabilities, timings, token budget."""
+        if self.done:
+            raise RuntimeError("commit() on a finished sequence")
         now = time.perf_counter()
         if self._first is None:
             self._first = now

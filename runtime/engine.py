@@ -26,7 +26,7 @@ import onnxruntime as ort
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.bundle import BundleSpec
 
-_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}  # KV cache dtypes (bundle.KV_DTYPES)
 POOL_LIMIT = 4  # idle KV caches kept per (batch, capacity): a burst of concurrent requests must not pin memory forever
 
 
@@ -45,6 +45,8 @@ class KVCache:
     valid: np.ndarray | None = None  # "concat" only: [B, P] int64 attention mask of stored positions
     binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
     logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
+    decode: dict[str, np.ndarray] | None = None  # "inplace": one-token step inputs, bound once (`Engine._decode`)
+    decode_bound: bool = False  # whether `binding` holds the `decode` buffers now (a longer step re-binds)
 
 
 def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +73,7 @@ class Engine:
         self.arch = spec.architecture
         self.io = spec.io
         self.device = device  # "cpu" or "cuda": where the KV buffers live
-        self.kv_dtype = _NP_DTYPES[spec.kv_cache.dtype]
+        self.kv_dtype = NP_DTYPES[spec.kv_cache.dtype]
         self.inplace = spec.kv_cache.update == "inplace"
         self.past_names = self.io.past_names(self.arch.n_layer)
         self.present_names = self.io.present_names(self.arch.n_layer)
@@ -175,15 +177,14 @@ class Engine:
         B, S = input_ids.shape
         if B != cache.batch:
             raise UsageError(f"input batch {B} does not match the cache's batch {cache.batch}")
+        if S == 1 and lengths is None and logits_index is None and self.inplace:  # a decode step: the fast path
+            end = int(cache.lengths.max()) + 1
+            self._check_room(cache, end, end)
+            return self._decode(cache, input_ids)
         lengths = np.full(B, S, np.int64) if lengths is None else np.asarray(lengths, np.int64)
         if lengths.min() < 1 or lengths.max() > S:
             raise UsageError("each row needs between 1 and S new tokens")
-        if self.inplace and int((cache.lengths + S).max()) > cache.capacity:
-            raise ContextLengthError(f"the KV cache holds {cache.capacity} positions and this step needs "
-                                     f"{int((cache.lengths + S).max())}")
-        if int((cache.lengths + lengths).max()) > self.arch.context_length:
-            raise ContextLengthError("the sequence would exceed the model's context of "
-                                     f"{self.arch.context_length} positions")
+        self._check_room(cache, int((cache.lengths + S).max()), int((cache.lengths + lengths).max()))
         if logits_index is None:
             logits_index = (lengths - 1).reshape(B, 1)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
@@ -194,6 +195,15 @@ class Engine:
             logits = self._forward_concat(cache, inputs, logits_index)
         cache.lengths += lengths
         return logits
+
+    def _check_room(self, cache: KVCache, buffer_end: int, sequence_end: int) -> None:
+        """Refuse a step whose buffer positions (padding included) overflow an in-place cache, or whose real
+        tokens overflow the model's context."""
+        if self.inplace and buffer_end > cache.capacity:
+            raise ContextLengthError(f"the KV cache holds {cache.capacity} positions and this step needs {buffer_end}")
+        if sequence_end > self.arch.context_length:
+            raise ContextLengthError("the sequence would exceed the model's context of "
+                                     f"{self.arch.context_length} positions")
 
     def step_inputs(self, cache: KVCache, input_ids: np.ndarray, lengths: np.ndarray,
                     logits_index: np.ndarray) -> dict[str, np.ndarray]:
@@ -214,6 +224,38 @@ class Engine:
             new_valid = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int64)
             feed[io.attention_mask] = np.concatenate([cache.valid, new_valid], axis=1)
         return feed
+
+    def _decode(self, cache: KVCache, input_ids: np.ndarray) -> np.ndarray:
+        """One new token per row on an in-place cache: `step_inputs` for S = 1, written into buffers bound once.
+
+        A decode step of a small model costs about as much in Python as in onnxruntime, and re-binding five
+        inputs and the logits is most of the Python part, so the buffers stay bound between steps and only
+        their values change (tests/test_engine_decode.py checks them against `step_inputs`). `forward` has
+        checked the room.
+        """
+        buffers = cache.decode
+        if buffers is None:
+            B = cache.batch
+            template = self.step_inputs(cache, input_ids, np.ones(B, np.int64), np.zeros((B, 1), np.int64))
+            buffers = cache.decode = {name: np.array(value) for name, value in template.items()}
+        if not cache.decode_bound:
+            for name, value in buffers.items():
+                cache.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+            array, value = self._logits_buffer(cache, cache.batch, 1)
+            cache.binding.bind_ortvalue_output(self.io.logits, value)
+            cache.decode_bound = True
+        io, lengths = self.io, cache.lengths
+        buffers[io.input_ids][:] = input_ids
+        if io.position_ids:
+            np.minimum(lengths, self.arch.context_length - 1, out=buffers[io.position_ids][:, 0])
+        buffers[io.seqlens_k][:] = lengths  # the new token's position: last real position per row
+        buffers[io.total_sequence_length][...] = lengths.max() + 1
+        if io.logits_index:
+            buffers[io.logits_index][:] = 0
+        self._run(lambda: self.session.run_with_iobinding(cache.binding))
+        lengths += 1
+        array = self._logits_buffer(cache, cache.batch, 1)[0]
+        return array if array.dtype == np.float32 else array.astype(np.float32)
 
     def prefill_feed(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Every input of one standalone run prefilling `ids` [S] from an empty cache, KV included, logits at every
@@ -238,6 +280,7 @@ class Engine:
 
     def _forward_inplace(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
         binding = cache.binding
+        cache.decode_bound = False
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
         array, value = self._logits_buffer(cache, *logits_index.shape)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -26,6 +28,7 @@ from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime import optimum
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, check_graph
 from gptedge.runtime.decoding import Decoding, GenerationResult
+from gptedge.runtime.draft import check_tokenizer, step_cost_ratio, stream_draft
 from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
 from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
@@ -39,7 +42,7 @@ from gptedge.runtime.providers import (
     spin_default,
 )
 from gptedge.runtime.sampling import SamplingParams, softmax
-from gptedge.runtime.speculative import check_speculative, stream_speculative
+from gptedge.runtime.speculative import stream_speculative
 
 log = logging.getLogger("gptedge.runtime")
 
@@ -89,6 +92,7 @@ class Model:
         self.folder = folder
         self.session_info = info
         self.load_seconds = load_s
+        self._drafts: weakref.WeakSet[Model] = weakref.WeakSet()  # drafts whose tokenizer matched this one
 
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +144,7 @@ class Model:
         # gptedge.json is not covered by its own checksums:
         # its sizes must describe this graph before anything is sized by them.
         check_graph(spec, scan.inputs, scan.outputs,
-                    scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [])
+                    scan.gathered_by(spec.io.position_ids) if spec.io.position_ids else [], scan.types)
         tokenizer = load_tokenizer(folder / TOKENIZER_NAME, spec.architecture.vocab_size)
         key = cache_key(spec, folder, choice.name) if cache else None
         session, info = create_session(model_path, choice, threads, key, spin)
@@ -248,7 +252,7 @@ class Model:
         truncate: str | None = None,
         cancel=None,
         on_token: Callable[[int], None] | None = None,
-        speculative: str | None = None,
+        speculative: Speculative = None,
         **sampling: Any,
     ) -> Stream:
         """Yield text pieces as they are generated; they never split a UTF-8 character.
@@ -259,16 +263,35 @@ class Model:
         `truncate="left"` keeps the most recent prompt tokens when prompt + max_new_tokens exceed the
         context (otherwise ContextLengthError). `cancel`: a CancelToken or threading.Event.
         `on_token(id)`: called with each sampled id as it is chosen (per-token timing, token-level UIs).
-        `speculative="lookup"` (greedy only): propose tokens found earlier in the prompt and output and verify
-        several per step; the same tokens, faster when the output copies from the input
-        (gptedge.runtime.speculative). `result.timings.proposed` / `accepted` say how it went.
+        `speculative` verifies several proposed tokens per engine step, keeping the output exact (greedy: the
+        same tokens; sampling: the same distribution, though not the same text for a seed as without it):
+        "lookup" proposes what followed earlier occurrences of the last few tokens in the prompt and output
+        (free; faster when the output copies from the input); a loaded `Model` with the same tokenizer is a
+        draft model that proposes (faster when it is much smaller and often agrees; decoding falls back to
+        plain steps while it does not pay). See gptedge.runtime.speculative and gptedge.runtime.draft;
+        `result.timings.proposed` / `accepted` say how it went.
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
-        check_speculative(speculative, p)
         seq = Decoding(self.tokenizer, ids, p, length_reason=reason)
-        loop = stream_speculative if speculative == "lookup" else stream_tokens
-        return Stream(loop(self.engine, seq, cancel=cancel, on_token=on_token), seq)
+        loop = self._decode_loop(speculative, seq)
+        return Stream(loop(cancel=cancel, on_token=on_token), seq)
+
+    def _decode_loop(self, speculative: Speculative, seq: Decoding) -> Callable[..., Iterator[str]]:
+        """The loop `speculative` asks for, over `seq`; a draft's tokenizer is checked here, its context when the
+        loop is made (both before anything runs)."""
+        if speculative is None:
+            return partial(stream_tokens, self.engine, seq)
+        if isinstance(speculative, str) and speculative == "lookup":
+            return partial(stream_speculative, self.engine, seq)
+        if isinstance(speculative, Model):
+            if speculative not in self._drafts:
+                check_tokenizer(self, speculative)
+                self._drafts.add(speculative)
+            cost = step_cost_ratio(self.spec.architecture, speculative.spec.architecture)
+            return partial(stream_draft, self.engine, seq, speculative.engine, cost=cost)
+        shown = repr(speculative) if isinstance(speculative, str) else f"a {type(speculative).__name__}"
+        raise UsageError(f"speculative must be None, 'lookup' or a loaded draft Model (Model.load(...)), got {shown}")
 
     def generate(
         self,
@@ -277,7 +300,7 @@ class Model:
         *,
         truncate: str | None = None,
         cancel=None,
-        speculative: str | None = None,
+        speculative: Speculative = None,
         **sampling: Any,
     ) -> GenerationResult:
         """Generate a completion of `prompt` (same arguments as `stream`)."""
@@ -346,6 +369,9 @@ class Model:
         a = self.spec.architecture
         return (f"Model({str(self.folder)!r}, provider={self.provider!r}, dtype={self.spec.dtype!r}, "
                 f"n_layer={a.n_layer}, n_embd={a.n_embd}, context={a.context_length}, vocab={a.vocab_size})")
+
+
+Speculative = Union[str, Model, None]  # "lookup", a draft Model, or None (plain decoding)
 
 
 def _check_cancel(cancel) -> None:

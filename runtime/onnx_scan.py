@@ -127,6 +127,7 @@ class GraphScan:
     tensors: list[TensorInfo] = field(default_factory=list)
     inputs: dict[str, list] = field(default_factory=dict)  # name -> dims (ints, or strings for symbolic axes)
     outputs: dict[str, list] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)  # input / output name -> element type (TensorProto enum)
     gathers: list[tuple[str, str]] = field(default_factory=list)  # (table, indices) of top-level Gather nodes
 
     def gathered_by(self, indices: str) -> list[list[int]]:
@@ -136,18 +137,21 @@ class GraphScan:
         return [dims[table] for table, idx in self.gathers if idx == indices and table in dims]
 
 
-def _value_info(buf: memoryview) -> tuple[str, list]:
-    name, dims = "", []
+def _value_info(buf: memoryview) -> tuple[str, list, int]:
+    """(name, dims, element type: onnx.TensorProto's enum, 0 when undeclared) of a graph input or output."""
+    name, dims, elem = "", [], 0
     for number, wire, value in _fields(buf):
         if number == 1 and wire == 2:
             name = bytes(value).decode("utf-8", "replace")
         elif number == 2 and wire == 2:  # TypeProto
             for n1, w1, tensor_type in _fields(value):
                 if n1 == 1 and w1 == 2:
-                    for n2, w2, shape in _fields(tensor_type):
-                        if n2 == 2 and w2 == 2:
-                            dims = [_dim(d) for n3, w3, d in _fields(shape) if n3 == 1 and w3 == 2]
-    return name, dims
+                    for n2, w2, field_value in _fields(tensor_type):
+                        if n2 == 1 and w2 == 0:
+                            elem = field_value
+                        elif n2 == 2 and w2 == 2:
+                            dims = [_dim(d) for n3, w3, d in _fields(field_value) if n3 == 1 and w3 == 2]
+    return name, dims, elem
 
 
 def _dim(buf: memoryview) -> int | str:
@@ -176,8 +180,9 @@ def _walk_main_graph(buf: memoryview, scan: GraphScan) -> None:
                 if w != 2:
                     continue
                 if n in (11, 12):  # GraphProto.input / output
-                    name, dims = _value_info(v)
+                    name, dims, elem = _value_info(v)
                     (scan.inputs if n == 11 else scan.outputs)[name] = dims
+                    scan.types[name] = elem
                 elif n == 1:
                     op, inputs = _node(v)
                     if op == "Gather" and len(inputs) >= 2:

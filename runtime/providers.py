@@ -39,7 +39,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from gptedge.errors import BundleError, ProviderError, UsageError
-from gptedge.runtime.bundle import BundleSpec
+from gptedge.runtime.bundle import DTYPES, BundleSpec
 from gptedge.runtime.onnx_scan import scan_model
 from gptedge.runtime.traits import AUTO_ORDER, PROVIDER_NAMES, TRAITS, quantization_kind
 
@@ -65,7 +65,12 @@ class ProviderChoice:
 def incompatibility(name: str, spec: BundleSpec) -> str | None:
     """Why provider `name` cannot run this bundle well, or None when it can."""
     t = TRAITS[name]
-    if spec.kv_cache.update == "inplace" and spec.kv_cache.dtype not in t.gqa_dtypes:
+    if spec.kv_cache.dtype not in DTYPES:  # a quantized cache (bundle.KV_DTYPES)
+        if spec.kv_cache.dtype not in t.quantized_kv:
+            return (f"this bundle's KV cache is {spec.kv_cache.dtype}, which gptedge has verified on "
+                    f"{' / '.join(n for n, r in TRAITS.items() if spec.kv_cache.dtype in r.quantized_kv)} only; "
+                    f"quantize the float bundle again without --kv-cache to run it on {name}")
+    elif spec.kv_cache.update == "inplace" and spec.kv_cache.dtype not in t.gqa_dtypes:
         return (
             f"onnxruntime's {t.ort_name} GroupQueryAttention runs {' / '.join(t.gqa_dtypes)} only and this bundle's KV "
             f"cache is {spec.kv_cache.dtype} (built for target {spec.target}); export with --target {name} to run there"

@@ -10,6 +10,11 @@ Pipeline of `sample_next` (the llama.cpp / HF order, minus the exotic samplers):
     logits -> NaN to -inf -> penalties -> (greedy: argmax) -> shift so max = 0
            -> temperature -> top-k -> top-p -> min-p -> softmax -> one draw
 
+Everything before the draw is `token_distribution`: the one definition of "the
+distribution the next token comes from". Plain sampling draws from it, and
+speculative decoding's acceptance rule (gptedge.runtime.speculative) compares
+against it, so the two cannot drift apart.
+
 Conventions shared by every function here:
 - Work in float64: a float32 softmax over 50k tokens loses the tail, and
   dividing a huge float32 logit by a small temperature overflows.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,6 +40,7 @@ from gptedge.errors import UsageError
 
 __all__ = [
     "SamplingParams",
+    "TokenDistribution",
     "apply_penalties",
     "apply_temperature",
     "filter_logits",
@@ -42,6 +48,7 @@ __all__ = [
     "min_p_filter",
     "sample_next",
     "softmax",
+    "token_distribution",
     "top_k_filter",
     "top_p_filter",
 ]
@@ -485,6 +492,50 @@ def filter_logits(logits: np.ndarray, params: SamplingParams, history: History |
     return _expand(_candidates(x, params), x.shape[0])
 
 
+class TokenDistribution(NamedTuple):
+    """The distribution the next token is drawn from, kept in candidate form (see `token_distribution`).
+
+    Token `ids[i]` (token i itself when ids is None) has probability proportional to `weights[i]`; every
+    other id has probability 0. The weights stay unnormalised because a draw is one inverse-CDF pick over
+    exactly these numbers, which is what `sample_next` has always drawn: a seed keeps its tokens.
+    """
+
+    ids: np.ndarray | None
+    weights: np.ndarray
+    vocab: int
+
+    def draw(self, rng: np.random.Generator) -> int:
+        """One token, from exactly one `rng.random()`."""
+        i = _draw(self.weights, rng.random())
+        return i if self.ids is None else int(self.ids[i])
+
+    def probs(self) -> np.ndarray:
+        """Normalised float64 probabilities over the whole vocabulary [vocab]."""
+        dense = np.zeros(self.vocab)
+        if self.ids is None:
+            dense[:] = self.weights
+        else:
+            dense[self.ids] = self.weights
+        dense /= dense.sum()
+        return dense
+
+
+def token_distribution(
+    logits_row: np.ndarray, params: SamplingParams, history: History | None = None
+) -> TokenDistribution:
+    """What the next token is drawn from after every processing step: penalties (over `history`) ->
+    temperature -> top-k -> top-p -> min-p -> softmax; for greedy params, all the mass on the argmax.
+
+    The one definition of the processed distribution: `sample_next` draws from it and speculative
+    decoding's acceptance rule reads it, so a verified token is distributed as a plainly sampled one.
+    """
+    x = _penalized(logits_row, params, history)
+    if params.greedy:
+        return TokenDistribution(np.array([_argmax(x)]), np.ones(1), x.shape[0])
+    ids, vals = _candidates(x, params)
+    return TokenDistribution(ids, _relative_probs(vals, inplace=True), x.shape[0])  # vals is ours: reuse it
+
+
 def sample_next(
     logits_row: np.ndarray,
     params: SamplingParams,
@@ -494,11 +545,11 @@ def sample_next(
     """Pick the next token id from one row of logits, shape [vocab].
 
     Greedy (temperature 0) returns the argmax after penalties (lowest id on
-    ties) and never touches `rng` (None is fine). Otherwise: penalties ->
-    temperature -> top-k -> top-p -> min-p -> softmax -> exactly one
-    `rng.random()` draw (inverse CDF), so a seeded generator repeats the same
-    tokens. `history` is the ids the penalties look at (ignored when they are
-    neutral).
+    ties) and never touches `rng` (None is fine). Otherwise one draw from
+    `token_distribution` (penalties -> temperature -> top-k -> top-p -> min-p ->
+    softmax): exactly one `rng.random()` (inverse CDF), so a seeded generator
+    repeats the same tokens. `history` is the ids the penalties look at
+    (ignored when they are neutral).
     """
     if params.greedy:
         if not params.penalized and isinstance(logits_row, np.ndarray) and logits_row.ndim == 1 and logits_row.size:
@@ -507,12 +558,10 @@ def sample_next(
             i = int(np.argmax(logits_row))
             if logits_row[i] > -np.inf:
                 return i
-        return _argmax(_penalized(logits_row, params, history))
+        return int(token_distribution(logits_row, params, history).ids[0])
     if not isinstance(rng, np.random.Generator):
         raise UsageError("sampling with temperature > 0 needs rng=np.random.default_rng(seed) (or params.make_rng())")
-    ids, vals = _candidates(_penalized(logits_row, params, history), params)
-    i = _draw(_relative_probs(vals, inplace=True), rng.random())  # vals is ours: reuse it
-    return i if ids is None else int(ids[i])
+    return token_distribution(logits_row, params, history).draw(rng)
 
 
 _BLOCK = 1024

@@ -1,37 +1,47 @@
-"""Speculative decoding with prompt lookup: several tokens per engine step, the same greedy output.
+"""Speculative decoding: several tokens per engine step, distributed exactly as plain decoding's.
 
-When a model copies from its input (editing code, quoting, filling a template), the next tokens are
-often already in the prompt or the output so far. `lookup_proposals` finds the longest recent n-gram
-ending the text that occurred before and proposes what followed it; one engine step then runs the
-pending token and the proposals together (batch 1: GroupQueryAttention takes several new tokens on a
-non-empty in-place cache there), and the `Decoding` advances over the resulting rows one by one,
-exactly as it would over single steps, until its choice differs from a proposal. The rows after the
-first disagreement are discarded and the cache is wound back by length (positions past a row's
-length are stale and masked), so nothing is copied.
+A proposer guesses the next few tokens cheaply; one engine step then runs the pending token and the
+proposals together (batch 1: GroupQueryAttention takes several new tokens on a non-empty in-place
+cache there), which gives the model's logits after every prefix at once. The `Decoding` walks the
+rows one by one, exactly as it would over single steps: each row either confirms its proposal or
+yields a different token, and at the first one that differs the rest are discarded and the cache is
+wound back by length (positions past a row's length are stale and masked), so nothing is copied.
+Two proposers exist: prompt lookup here (`lookup_proposals`: free, good when the output copies the
+input), and a small draft model with its own KV cache (gptedge.runtime.draft).
 
-Exact for greedy decoding: every token is the argmax of the model's logits after exactly the tokens
-before it, which is what plain decoding computes. (A verify step computes several rows in one
-matrix product; its float rounding can differ from one-row steps in the last bits, as any batch
-size does.) Sampling needs the acceptance rule that keeps the distribution; it is not done here, and
-`speculative=` with temperature > 0 is refused rather than silently changing what a seed produces.
+Why the output is exact (every token distributed as plain decoding would draw it):
+- Greedy: a row's token is the argmax of the model's logits after exactly the tokens before it,
+  which is what plain decoding computes; a proposal is kept only when it is that argmax.
+- Sampling: the rule of Leviathan et al. and Chen et al. (2023). With p the row's processed
+  distribution (`Decoding.distribution`: the very one plain sampling draws from, penalties over the
+  history up to that row, temperature, top-k/p, min-p, the constraint, padded ids excluded) and q the
+  distribution the proposal x was drawn from, x is kept with probability min(1, p(x) / q(x)); else
+  the token is drawn from norm(max(0, p - q)) and the run stops. Then P(token = y) = min(q(y), p(y))
+  + (1 - sum_x min(q(x), p(x))) * max(0, p(y) - q(y)) / Z = p(y), Z being that same 1 - sum. After
+  a fully accepted run the last row's token is drawn from p as usual. A lookup proposal is a point
+  mass (q(x) = 1): kept with probability p(x), else drawn from p without x.
+(A verify step computes several rows in one matrix product; its float rounding can differ from
+one-row steps in the last bits, as any batch size does.) Every draw comes from the sequence's own
+generator, so a seeded run repeats, but speculation uses its draws differently from plain sampling:
+the same seed gives a different (equally distributed) text with and without it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+import time
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from gptedge.errors import UsageError
 from gptedge.runtime.decoding import Decoding, Step
 from gptedge.runtime.engine import Engine, KVCache
 from gptedge.runtime.generator import _cancelled, drive, prefill
+from gptedge.runtime.sampling import TokenDistribution
 
 MAX_NGRAM = 4  # longest suffix looked up; longer matches are rarer and rarely better
 # A verify step of k rows costs more than one row but far less than k (per k: benchmarks/results/speculative.json),
 # so a few accepted proposals pay for it; the length adapts to how many are accepted, up to this.
 MAX_PROPOSALS = 8
-MODES = (None, "lookup")
 
 
 def lookup_proposals(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, window: int = 4096) -> list[int]:
@@ -60,47 +70,138 @@ def lookup_proposals(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM,
     return []
 
 
-def check_speculative(mode, params) -> None:
-    if mode not in MODES:
-        raise UsageError(f"speculative must be None or 'lookup', got {mode!r}")
-    if mode is not None and not params.greedy:
-        raise UsageError("speculative='lookup' is exact for greedy decoding only; pass temperature=0, or leave "
-                         "speculative off for sampling")
+# -- the acceptance rule ---------------------------------------------------------------------------------------
+def residual(p: np.ndarray, token: int, q: np.ndarray | None = None) -> np.ndarray:
+    """norm(max(0, p - q)): what a rejected proposal's row is drawn from; q None means a point mass on `token`.
+
+    If p - q has no positive entry (p equals q up to rounding, so a rejection had probability ~0), p itself.
+    """
+    if q is None:
+        r = p.copy()
+        r[token] = 0.0
+    else:
+        r = np.maximum(p - q, 0.0)
+    total = r.sum()
+    return r / total if total > 0 else p
 
 
-def stream_speculative(engine: Engine, seq: Decoding, *, cancel=None, on_token: Callable[[int], None] | None = None,
-                       max_proposals: int = MAX_PROPOSALS) -> Iterator[str]:
-    """`stream_tokens` with prompt-lookup proposals verified in multi-token steps (see the module docstring).
+def accept_proposal(p: np.ndarray, token: int, q: np.ndarray | None, rng: np.random.Generator) -> tuple[int, bool]:
+    """(the row's token, whether it is the proposal `token`), distributed as a draw from `p`.
+
+    `p`: the row's processed distribution (normalised, over the vocabulary); `q`: the distribution the
+    proposal was drawn from, None for a deterministic proposal (prompt lookup). Kept with probability
+    min(1, p(token) / q(token)), one `rng.random()`; a rejection draws once more, from `residual`.
+    """
+    qx = 1.0 if q is None else float(q[token])
+    if rng.random() * qx < p[token]:  # u < p/q, without dividing by a q that rounding made tiny
+        return token, True
+    return TokenDistribution(None, residual(p, token, q), p.size).draw(rng), False
+
+
+def verify_row(seq: Decoding, logits: np.ndarray, proposal: int, q: np.ndarray | None) -> tuple[int, bool]:
+    """The token `seq` takes from a verify row proposing `proposal` (drawn from `q`), and whether it is the proposal."""
+    if seq.params.greedy:
+        token = seq.choose(logits)
+        return token, token == proposal
+    return accept_proposal(seq.distribution(logits).probs(), proposal, q, seq.rng)
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
+class Proposer(Protocol):
+    """Guesses the tokens after a sequence's history, and hears how its guesses went."""
+
+    def propose(self, seq: Decoding, room: int) -> tuple[list[int], list[np.ndarray] | None]:
+        """At most `room` tokens to follow `seq`'s tokens so far, and the distribution each was drawn from
+        (None: chosen deterministically, each a point mass). `seq` is not modified."""
+
+    def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
+        """A step ran `proposed` proposals (0: a plain step), `accepted` were kept, `committed` tokens
+        were taken in all, in `seconds` of proposing, engine and sampling time."""
+
+    def close(self) -> None:
+        """The generation ended: free what the proposer holds."""
+
+
+class LookupProposer:
+    """Prompt lookup (`lookup_proposals`); the length grows while proposals are accepted and shrinks when not."""
+
+    def __init__(self, max_proposals: int = MAX_PROPOSALS) -> None:
+        self.k = 2
+        self.max_proposals = max_proposals
+
+    def propose(self, seq: Decoding, room: int) -> tuple[list[int], None]:
+        return lookup_proposals(seq.prompt_ids + seq.tokens, min(self.k, room)), None
+
+    def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
+        if proposed:
+            self.k = adapt_length(self.k, proposed, accepted, self.max_proposals)
+
+    def close(self) -> None:
+        pass
+
+
+def adapt_length(k: int, proposed: int, accepted: int, max_proposals: int) -> int:
+    """The next proposal length: one more after a fully accepted run, else what was accepted (at least 1)."""
+    return min(max_proposals, k + 1) if accepted == proposed else max(1, accepted)
+
+
+def rewind(cache: KVCache, n: int) -> None:
+    """Forget the last `n` positions of a batch-1 cache: by length in place (stale positions are masked);
+    a concat cache (Optimum folders) also drops them from its arrays, which its attention mask would read."""
+    if n <= 0:
+        return
+    cache.lengths -= n
+    if cache.valid is not None:
+        keep = int(cache.lengths[0])
+        cache.values = [v[:, :, :keep] for v in cache.values]
+        cache.valid = cache.valid[:, :keep]
+
+
+def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Proposer, cancel=None) -> Iterator[Step]:
+    """Prefill, then steps of the pending token + the proposer's guesses, each row chosen by `verify_row`."""
+    rows = prefill(engine, cache, seq.prompt_ids)[None, :]  # [1, V]: the row for the first new token
+    proposals: list[int] = []
+    qs: list[np.ndarray] | None = None
+    started = None  # when the current step's proposing began (None: the prefill, not a step to report)
+    try:
+        while not _cancelled(cancel):
+            accepted = committed = 0
+            for j in range(rows.shape[0]):
+                if j < len(proposals):
+                    token, kept = verify_row(seq, rows[j], proposals[j], None if qs is None else qs[j])
+                else:
+                    token, kept = seq.choose(rows[j]), False
+                step = seq.commit(token, rows[j])
+                committed += 1
+                paused = time.perf_counter()
+                yield step
+                if started is not None:
+                    started += time.perf_counter() - paused  # the consumer's time is not the step's
+                if seq.done or not kept:
+                    break
+                accepted += 1
+            seq.timings.proposed += len(proposals)
+            seq.timings.accepted += accepted
+            rewind(cache, len(proposals) - accepted)  # the rows after the first disagreement are stale
+            if started is not None:
+                proposer.verified(len(proposals), accepted, committed, time.perf_counter() - started)
+            if seq.done:
+                return
+            room = seq.params.max_new_tokens - len(seq.tokens) - 1  # every row fed yields one more token
+            started = time.perf_counter()
+            proposals, qs = proposer.propose(seq, room)
+            feed = np.array([[step.token, *proposals]], np.int64)
+            index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
+            rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
+    finally:
+        proposer.close()
+
+
+def stream_speculative(engine: Engine, seq: Decoding, proposer: Proposer | None = None, *, cancel=None,
+                       on_token: Callable[[int], None] | None = None) -> Iterator[str]:
+    """`stream_tokens` with proposals (prompt lookup unless `proposer` is given) verified in multi-token steps.
 
     `seq.timings.proposed` / `accepted` count the proposals.
     """
-    return drive(engine, seq, lambda cache: lookup_steps(engine, cache, seq, cancel, max_proposals), on_token)
-
-
-def lookup_steps(engine: Engine, cache: KVCache, seq: Decoding, cancel=None,
-                 max_proposals: int = MAX_PROPOSALS) -> Iterator[Step]:
-    """Prefill, then steps of the pending token + lookup proposals; the proposal length grows while proposals
-    are accepted and shrinks when they are not."""
-    k = 2
-    rows = prefill(engine, cache, seq.prompt_ids)[None, :]  # [1, V]: the row for the first new token
-    proposals: list[int] = []
-    while not _cancelled(cancel):
-        accepted = 0
-        for j in range(rows.shape[0]):
-            step = seq.advance(rows[j])
-            yield step
-            if seq.done or j >= len(proposals) or step.token != proposals[j]:
-                break
-            accepted += 1
-        seq.timings.proposed += len(proposals)
-        seq.timings.accepted += accepted
-        cache.lengths -= len(proposals) - accepted  # the rows after the first disagreement are stale
-        if seq.done:
-            return
-        if proposals:
-            k = min(max_proposals, k + 1) if accepted == len(proposals) else max(1, accepted)
-        room = seq.params.max_new_tokens - len(seq.tokens) - 1  # every row fed yields one more token
-        proposals = lookup_proposals(seq.prompt_ids + seq.tokens, min(k, room))
-        feed = np.array([[step.token, *proposals]], np.int64)
-        index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
-        rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
+    proposer = LookupProposer() if proposer is None else proposer
+    return drive(engine, seq, lambda cache: verify_steps(engine, cache, seq, proposer, cancel), on_token)

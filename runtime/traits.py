@@ -23,6 +23,9 @@ class ProviderTraits:
     kv_device: str  # OrtValue device the KV buffers live on
     default_dtype: str  # what `gptedge export --target NAME` writes by default
     gqa_dtypes: tuple[str, ...]  # KV / activation dtypes its GroupQueryAttention kernel takes
+    # Quantized KV cache dtypes its GroupQueryAttention takes in place with fp32 activations, as measured here
+    # (../shared/reference/gqa_kv_cache_check.py); unmeasured providers list none.
+    quantized_kv: tuple[str, ...] = ()
     serialize_runs: bool = False  # one Run at a time per session (DirectML)
     memory_pattern: bool = True  # onnxruntime's memory-pattern optimization allowed (DirectML requires it off)
     graph_cache: bool = True  # the optimized graph can be saved and reloaded (DirectML's fused nodes cannot)
@@ -43,7 +46,7 @@ class ProviderTraits:
 TRAITS: dict[str, ProviderTraits] = {
     "cpu": ProviderTraits(
         name="cpu", ort_name="CPUExecutionProvider", install_hint="pip install onnxruntime", kv_device="cpu",
-        default_dtype="fp32", gqa_dtypes=("fp32", "fp16"),
+        default_dtype="fp32", gqa_dtypes=("fp32", "fp16"), quantized_kv=("int8",),
         int8_kernels={"weight": None, "dynamic": None, "static": None},
         matmul_nbits_accuracy=4, fused_gelu=True,
     ),

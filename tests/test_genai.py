@@ -1,6 +1,6 @@
 """Bundles that onnxruntime-genai runs: its Python package (the same C++ core as its C#, C++ and Java APIs) loads
 `export --genai` / `quantize` bundles and its greedy ids equal gptedge's on the same bundle, for GPT-2 and Llama
-families, fp32, INT8 and INT4."""
+families, fp32, INT8 (with and without the int8 KV cache) and INT4."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundles(runtime_checkpoint, text, tmp_path_factory) -> dict[str, Path]:
     """family-precision -> bundle with the genai files: GPT-2 (a gptedge checkpoint) and Llama (a transformers
-    folder with grouped heads, llama3 rope scaling and biases), each fp32, INT8 and INT4."""
+    folder with grouped heads, llama3 rope scaling and biases), each fp32, INT8, INT8 with the int8 KV cache and
+    INT4."""
     from test_families import save_family
 
     root = tmp_path_factory.mktemp("genai")
@@ -48,6 +49,9 @@ def bundles(runtime_checkpoint, text, tmp_path_factory) -> dict[str, Path]:
             out[f"{family}-{method[:4]}"] = quantize_bundle(
                 fp32, root / f"{family}-{method}", method=method, eval_text=text, max_ppl_increase=50.0,
                 progress=False, log=lambda _: None)
+        out[f"{family}-int8-kv8"] = quantize_bundle(  # the int8 KV cache: genai allocates what the graph declares
+            fp32, root / f"{family}-int8-kv8", method="int8-weight", eval_text=text, max_ppl_increase=50.0,
+            kv_cache="int8", progress=False, log=lambda _: None)
     return out
 
 
@@ -66,7 +70,8 @@ def genai_greedy(bundle: Path, prompt: list[int], steps: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "gpt2-int4", "llama-fp32", "llama-int8", "llama-int4"])
+@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "gpt2-int4", "gpt2-int8-kv8", "llama-fp32", "llama-int8",
+                                  "llama-int4", "llama-int8-kv8"])
 def test_genai_greedy_ids_equal_gptedge(bundles, kind: str) -> None:
     bundle = bundles[kind]
     assert has_genai(bundle)

@@ -67,6 +67,18 @@ def test_optimum_greedy_equals_transformers(hf_models, prompt: str) -> None:
     assert result.token_ids == ref_new
 
 
+def test_optimum_speculative_decoding_winds_the_concat_cache_back(hf_models) -> None:
+    """A concat cache forgets rejected proposals from its arrays (not only its length): plain greedy tokens."""
+    _, out, _ = hf_models
+    loaded = Model.load(out, provider="cpu")
+    kw = dict(temperature=0.0, max_new_tokens=30, stop_token_ids=())
+    for prompt in ["Hello world! The quick brown fox. Hello world!", "def add(a, b):"]:
+        plain = loaded.generate(prompt, **kw)
+        for how in ("lookup", loaded):
+            fast = loaded.generate(prompt, speculative=how, **kw)
+            assert fast.token_ids == plain.token_ids
+
+
 def test_optimum_next_tokens_and_batch(hf_models) -> None:
     _, out, model = hf_models
     loaded = Model.load(out, provider="cpu")
