@@ -41,10 +41,10 @@ def ort_session_options():
     return so
 
 
-def load_gptedge(artifact: Path, spin: bool = False) -> tuple[Stream, int, int]:
+def load_gptedge(artifact: Path, spin: bool = False, threads: int = THREADS) -> tuple[Stream, int, int]:
     from gptedge.runtime import Model
 
-    model = Model.load(artifact, provider="cpu", threads=THREADS, spin=spin)
+    model = Model.load(artifact, provider="cpu", threads=threads, spin=spin)
 
     def stream(ids: list[int], n: int) -> Iterable[int]:
         # Token ids with the time each was chosen (text pieces may hold back bytes of a character).
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--file-name", default="model.onnx", help="optimum: which ONNX file in the folder")
     parser.add_argument("--long-position", type=int, default=LONG_POSITION)
     parser.add_argument("--spin", action="store_true", help="gptedge: onnxruntime threads spin (Model.load spin)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="gptedge: intra-op threads")
     args = parser.parse_args()
     pin_threads()
     rss_start = rss_mb()  # before the row imports its libraries
@@ -215,7 +216,7 @@ def main() -> None:
     if args.system == "optimum":
         stream, vocab, context = load_optimum(args.artifact, args.file_name)
     elif args.system == "gptedge":
-        stream, vocab, context = load_gptedge(args.artifact, args.spin)
+        stream, vocab, context = load_gptedge(args.artifact, args.spin, args.threads)
     else:
         stream, vocab, context = {"gptedge": load_gptedge, "naive-ort": load_naive_ort, "pytorch": load_pytorch,
                                   "genai": load_genai, "llamacpp": load_llamacpp}[args.system](args.artifact)

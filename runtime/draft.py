@@ -31,16 +31,10 @@ from gptedge.runtime.detokenizer import token_count
 from gptedge.runtime.engine import Engine, KVCache
 from gptedge.runtime.generator import decode_step, kv_capacity, prefill
 from gptedge.runtime.sampling import sample_next, token_distribution
-from gptedge.runtime.speculative import MAX_PROPOSALS, adapt_length, rewind, stream_speculative
+from gptedge.runtime.speculative import MAX_PROPOSALS, Pacer, rewind, stream_speculative
 
 if TYPE_CHECKING:  # pragma: no cover - model.py imports this module
     from gptedge.runtime.model import Model
-
-PAUSE = 16  # plain steps before a draft that stopped paying is tried again
-PROBE = 2  # timed runs start with this many plain steps, to measure what a plain token costs
-EMA = 0.3  # weight of the newest measurement in the running averages
-VERIFY_EXTRA = 0.2  # static estimate: each proposal adds this fraction of a one-token step to a verify step
-
 
 def check_tokenizer(model: Model, draft: Model) -> None:
     """Refuse a draft (a loaded Model, like `model`) whose ids do not mean the model's tokens.
@@ -77,51 +71,6 @@ def step_cost_ratio(model: Architecture, draft: Architecture) -> float:
         return 12 * a.n_layer * a.n_embd ** 2 + a.vocab_size * a.n_embd
 
     return min(1.0, max(weights(draft) / weights(model), draft.n_layer / model.n_layer))
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EMA) * old + EMA * new
-
-
-class Pacer:
-    """How many tokens the draft proposes next (0: a plain step), from how proposing has paid so far.
-
-    `cost` is a draft step in model steps (`step_cost_ratio`); `timed` lets measured times replace that
-    estimate; `fallback=False` always proposes (tests that must exercise every step).
-    """
-
-    def __init__(self, cost: float, timed: bool, fallback: bool = True, max_proposals: int = MAX_PROPOSALS) -> None:
-        self.k = 2
-        self.cost = cost
-        self.timed = timed
-        self.fallback = fallback
-        self.max_proposals = max_proposals
-        self.acceptance = 0.5  # running fraction of proposals accepted
-        self.pause = PROBE if timed and fallback else 0  # plain steps to take before proposing
-        self.plain_s: float | None = None  # running seconds per token of plain steps
-        self.draft_s: float | None = None  # ... and of speculative ones
-
-    def proposals(self, room: int) -> int:
-        return 0 if self.pause > 0 else max(0, min(self.k, room))
-
-    def record(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
-        if not proposed:
-            self.pause = max(0, self.pause - 1)
-            self.plain_s = _average(self.plain_s, seconds / committed)
-            return
-        self.acceptance = _average(self.acceptance, accepted / proposed)
-        self.draft_s = _average(self.draft_s, seconds / committed)
-        self.k = adapt_length(self.k, proposed, accepted, self.max_proposals)
-        if self.fallback and not self.pays():
-            self.pause, self.draft_s, self.k = PAUSE, None, 2
-
-    def pays(self) -> bool:
-        """Whether proposing gives more tokens per second than plain steps (measured), or, untimed, whether
-        the expected tokens of a verify step (the accepted run and one more) cover its estimated cost."""
-        if self.timed and self.plain_s is not None and self.draft_s is not None:
-            return self.draft_s <= self.plain_s
-        expected = sum(self.acceptance ** i for i in range(self.k + 1))
-        return expected >= 1 + (VERIFY_EXTRA + self.cost) * self.k
 
 
 class DraftProposer:

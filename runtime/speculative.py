@@ -42,6 +42,13 @@ MAX_NGRAM = 4  # longest suffix looked up; longer matches are rarer and rarely b
 # A verify step of k rows costs more than one row but far less than k (per k: benchmarks/results/speculative.json),
 # so a few accepted proposals pay for it; the length adapts to how many are accepted, up to this.
 MAX_PROPOSALS = 8
+PAUSE = 16  # plain steps before proposing is tried again after it stopped paying (a draft must catch up then)
+LOOKUP_PAUSE = 4  # ... for prompt lookup, whose retry costs one verify step and no catch-up
+MAX_BACKOFF = 4  # ... at most PAUSE << MAX_BACKOFF steps
+PROBE = 2  # timed runs start with this many plain steps, to measure what a plain token costs
+EMA = 0.3  # weight of the newest measurement in the running averages
+VERIFY_EXTRA = 0.125  # each proposal adds this fraction of a one-token step to a verify step (k=8 on the
+# GPT-2-124M shape: 2.0x a one-token step, benchmarks/results/speculative.json; smaller models pay less)
 
 
 def lookup_proposals(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, window: int = 4096) -> list[int]:
@@ -122,19 +129,74 @@ class Proposer(Protocol):
         """The generation ended: free what the proposer holds."""
 
 
-class LookupProposer:
-    """Prompt lookup (`lookup_proposals`); the length grows while proposals are accepted and shrinks when not."""
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
 
-    def __init__(self, max_proposals: int = MAX_PROPOSALS) -> None:
+
+class Pacer:
+    """How many tokens to propose next (0: a plain step), from how proposing has paid so far.
+
+    A verify step costs more than a one-token step, so proposals that are rarely accepted slow decoding
+    down (prompt lookup under sampling, a draft that disagrees): the length adapts to acceptance, and when
+    the expected tokens per verify step no longer cover its cost, decoding takes plain steps for a while
+    (twice as long after each fallback in a row), then tries again. `cost` is a proposal's own cost in
+    model steps (a draft's step: `draft.step_cost_ratio`; prompt lookup: 0); `timed` lets measured times
+    replace the estimate (only where timings may steer: greedy, or unseeded sampling, since a seeded run
+    must repeat); `fallback=False` always proposes (tests that must exercise every step).
+    """
+
+    def __init__(self, cost: float, timed: bool, fallback: bool = True, max_proposals: int = MAX_PROPOSALS,
+                 pause: int = PAUSE) -> None:
         self.k = 2
+        self.cost = cost
+        self.timed = timed
+        self.fallback = fallback
         self.max_proposals = max_proposals
+        self.acceptance = 0.5  # running fraction of proposals accepted
+        self.pause = PROBE if timed and fallback else 0  # plain steps to take before proposing
+        self.plain_s: float | None = None  # running seconds per token of plain steps
+        self.draft_s: float | None = None  # ... and of speculative ones
+        self.pause_steps = pause
+        self.misses = 0  # fallbacks in a row: each one pauses twice as long, so a proposer that never pays costs ~0
+
+    def proposals(self, room: int) -> int:
+        return 0 if self.pause > 0 else max(0, min(self.k, room))
+
+    def record(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
+        if not proposed:
+            self.pause = max(0, self.pause - 1)
+            self.plain_s = _average(self.plain_s, seconds / committed)
+            return
+        self.acceptance = _average(self.acceptance, accepted / proposed)
+        self.draft_s = _average(self.draft_s, seconds / committed)
+        self.k = adapt_length(self.k, proposed, accepted, self.max_proposals)
+        if self.fallback and not self.pays():
+            self.pause, self.draft_s, self.k = self.pause_steps << min(self.misses, MAX_BACKOFF), None, 2
+            self.misses += 1
+        else:
+            self.misses = 0
+
+    def pays(self) -> bool:
+        """Whether proposing gives more tokens per second than plain steps (measured), or, untimed, whether
+        the expected tokens of a verify step (the accepted run and one more) cover its estimated cost."""
+        if self.timed and self.plain_s is not None and self.draft_s is not None:
+            return self.draft_s <= self.plain_s
+        expected = sum(self.acceptance ** i for i in range(self.k + 1))
+        return expected >= 1 + (VERIFY_EXTRA + self.cost) * self.k
+
+
+class LookupProposer:
+    """Prompt lookup (`lookup_proposals`), paced by a `Pacer` (a lookup costs nothing; the verify step does)."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self.pacer = pacer
 
     def propose(self, seq: Decoding, room: int) -> tuple[list[int], None]:
-        return lookup_proposals(seq.prompt_ids + seq.tokens, min(self.k, room)), None
+        k = self.pacer.proposals(room)
+        return (lookup_proposals(seq.prompt_ids + seq.tokens, k) if k else []), None
 
     def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
-        if proposed:
-            self.k = adapt_length(self.k, proposed, accepted, self.max_proposals)
+        self.pacer.record(proposed, accepted, committed, seconds)
 
     def close(self) -> None:
         pass
@@ -191,8 +253,11 @@ def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Propos
             started = time.perf_counter()
             proposals, qs = proposer.propose(seq, room)
             feed = np.array([[step.token, *proposals]], np.int64)
-            index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
-            rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
+            if proposals:
+                index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
+                rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
+            else:  # nothing to verify: a plain step, on the engine's one-token fast path
+                rows = engine.forward(cache, feed)[0]
     finally:
         proposer.close()
 
@@ -203,5 +268,6 @@ def stream_speculative(engine: Engine, seq: Decoding, proposer: Proposer | None 
 
     `seq.timings.proposed` / `accepted` count the proposals.
     """
-    proposer = LookupProposer() if proposer is None else proposer
+    if proposer is None:  # paced by acceptance alone: a lookup is free, and timings of tiny steps are noise
+        proposer = LookupProposer(Pacer(0.0, timed=False, pause=LOOKUP_PAUSE))
     return drive(engine, seq, lambda cache: verify_steps(engine, cache, seq, proposer, cancel), on_token)

@@ -21,9 +21,9 @@ import gptedge.runtime.speculative as speculative
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime import Model
 from gptedge.runtime.decoding import CancelToken, Decoding, GenerationResult
-from gptedge.runtime.draft import PAUSE, Pacer, check_tokenizer, stream_draft
+from gptedge.runtime.draft import check_tokenizer, stream_draft
 from gptedge.runtime.sampling import TokenDistribution, token_distribution
-from gptedge.runtime.speculative import accept_proposal, residual
+from gptedge.runtime.speculative import PAUSE, Pacer, accept_proposal, residual
 
 PROMPTS = [
     "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
@@ -287,6 +287,13 @@ def test_pacer_falls_back_to_plain_steps_while_proposing_does_not_pay() -> None:
     for _ in range(PAUSE):
         pacer.record(proposed=0, accepted=0, committed=1, seconds=1.0)
     assert pacer.proposals(room=5) == 2  # tried again
+    while pacer.proposals(room=5):
+        pacer.record(proposed=pacer.proposals(room=5), accepted=0, committed=1, seconds=1.0)
+    for _ in range(2 * PAUSE - 1):  # a second fallback in a row pauses twice as long
+        pacer.record(proposed=0, accepted=0, committed=1, seconds=1.0)
+        assert pacer.proposals(room=5) == 0
+    pacer.record(proposed=0, accepted=0, committed=1, seconds=1.0)
+    assert pacer.proposals(room=5) == 2
     timed = Pacer(cost=0.1, timed=True)
     assert timed.proposals(room=5) == 0  # first measures plain steps
     timed.record(0, 0, 1, 0.010)
