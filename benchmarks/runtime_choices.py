@@ -5,7 +5,10 @@ On the GPT-2-124M-shape INT8 bundle (2 threads), each in a fresh process:
   PREFILL_CHUNK tokens (runtime/generator.py);
 - thread spinning: decode tokens/s with onnxruntime's intra-op spinning off (the default,
   runtime/providers.py) and on, on an otherwise idle machine and next to one busy process;
-- the tokenizer's vocabulary size lookup that the detokenizer caches (runtime/detokenizer.py).
+- the tokenizer's vocabulary size lookup that the detokenizer caches (runtime/detokenizer.py);
+- the default thread count by model size: decode tokens/s with 1 and THREADS intra-op threads (spinning
+  off) on the trained demo model's INT8 bundle and the GPT-2-124M-shape one (runtime/providers.py
+  `default_threads`; `--part threads` re-measures only this and keeps the rest of the file).
 Writes benchmarks/results/runtime-choices.json; the code comments cite it.
 """
 
@@ -60,6 +63,18 @@ rates = [m.generate(ids, temperature=0, max_new_tokens=128, stop_token_ids=()).t
 print(json.dumps({"spinning": spin == "1", "decode_tokens_per_s": sorted(rates)[1]}))
 """
 
+THREADED = """
+import json, sys
+from gptedge.runtime.model import Model
+from common import prompt_ids
+m = Model.load(sys.argv[1], provider="cpu", threads=int(sys.argv[2]), cache=False)
+ids = prompt_ids(128, m.spec.architecture.vocab_size, seed=0)[: m.context_length // 2]
+m.generate(ids, temperature=0, max_new_tokens=8, stop_token_ids=())
+rates = [m.generate(ids, temperature=0, max_new_tokens=96, stop_token_ids=()).timings.decode_tokens_per_s
+         for _ in range(3)]
+print(json.dumps({"decode_tokens_per_s": sorted(rates)[1]}))
+"""
+
 BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    pass\n"
 
 
@@ -69,13 +84,40 @@ def run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def thread_counts(bundles: dict[str, str], runs: int = 3) -> dict[str, dict]:
+    """Per bundle: its weight bytes, and decode tokens/s (median of `runs` fresh processes) by thread count."""
+    out = {}
+    for name, bundle in bundles.items():
+        weights = sum(p.stat().st_size for p in Path(bundle).glob("model.onnx*"))
+        out[name] = {"model_bytes": weights, **{
+            f"threads={n}": statistics.median(run(THREADED, bundle, str(n))["decode_tokens_per_s"] for _ in range(runs))
+            for n in (1, THREADS)}}
+    return out
+
+
 def main() -> None:
+    import argparse
+
     from tokenizers import Tokenizer
 
     from gptedge.runtime.generator import PREFILL_CHUNK
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "threads"), default="all")
+    args = parser.parse_args()
     root = CACHE / "gpt2-124m"
     bundle = str(prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"])
+    bundles = {"gpt2-124m int8-weight": bundle}
+    demo = CACHE / "demo" / "gptedge-int8-weight"  # written by `peers.py --model demo`
+    if (demo / "gptedge.json").exists():
+        bundles = {"demo int8-weight": str(demo), **bundles}
+    path = HERE / "results" / "runtime-choices.json"
+    if args.part == "threads":
+        result = {**json.loads(path.read_text()), "threads_machine": machine(),
+                  "decode_by_threads": thread_counts(bundles)}
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["decode_by_threads"], indent=1))
+        return
     prefill = {f"chunk_{c}": [run(PREFILL, bundle, str(c), str(THREADS)) for _ in range(2)]
                for c in (900, PREFILL_CHUNK)}
     prefill_summary = {name: {"peak_rss_mb": min(r["peak_rss_mb"] for r in rows),
@@ -100,8 +142,9 @@ def main() -> None:
         "prefill_900_tokens": prefill_summary, "prefill_runs": prefill,
         "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in spinning.items()},
         "get_vocab_size_ms": 1000 * statistics.median(times), "vocab": tok.get_vocab_size(with_added_tokens=True),
+        "decode_by_threads": thread_counts(bundles),
     }
-    (HERE / "results" / "runtime-choices.json").write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "prefill_runs"}, indent=1))
 
 

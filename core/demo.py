@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="tokens to generate for the completion")
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed of the streamed completion (same seed, same text)")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference (default: physical cores)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for inference (default: 1 for a model under 16 MB, else physical cores)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage even where its output exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

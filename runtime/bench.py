@@ -43,7 +43,8 @@ def run_bench(bundle: Path, provider: str, threads: int | None, prompt_tokens: i
     model.generate(ids[:8], **{**greedy, "max_new_tokens": 4})  # warm-up: first-run allocations
     short = [model.generate(ids[:prompt_tokens], **greedy).timings for _ in range(runs)]
     result: dict[str, Any] = {
-        "bundle": str(bundle), "provider": model.provider, "threads": threads or "physical cores",
+        "bundle": str(bundle), "provider": model.provider,
+        "threads": model.engine.session.get_session_options().intra_op_num_threads or "onnxruntime's default",
         "load_s": load_s, "graph_cache": cache_first, "reload_s": reload_s,
         "reload_graph_cache": model.session_info.cache,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="execution provider: auto, cpu, cuda or dml "
                                  "(unavailable ones fall back to CPU with a warning)")
         parser.add_argument("--threads", type=int, default=None,
-                            help="CPU threads per operator (default: physical cores)")
+                            help="CPU threads per operator (default: 1 for models under 16 MB, else physical cores)")
         parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                             help=SPIN_HELP)
 

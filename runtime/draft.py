@@ -9,9 +9,10 @@ its own processed distribution q (the same SamplingParams, its own history for t
 hands q to the acceptance rule in gptedge.runtime.speculative, which keeps the output distributed
 exactly as plain sampling's.
 
-A draft step is not free, so `Pacer` watches whether proposing pays: the length adapts as prompt
-lookup's does, and when the expected tokens per verify step no longer cover what the draft steps and
-the verify step cost, decoding falls back to plain one-token steps for a while, then tries again.
+A draft step is not free, so the `Pacer` (gptedge.runtime.speculative, shared with prompt lookup)
+watches whether proposing pays: the length adapts to acceptance, and when the expected tokens per
+verify step no longer cover what the draft steps and the verify step cost, decoding falls back to
+plain one-token steps for a while (longer after each fallback in a row), then tries again.
 Where timings may steer (greedy, whose output does not depend on the path, or unseeded sampling) the
 costs are measured; a seeded sampling run must repeat exactly, so there they are a static estimate
 from the two models' sizes and only the (deterministic) acceptance counts steer.

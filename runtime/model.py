@@ -113,7 +113,8 @@ class Model:
           falls back to CPU with a RuntimeWarning saying why. Notably an fp32 bundle (target cpu) asked to
           run on CUDA runs on CPU instead: CUDA's GroupQueryAttention is fp16-only; export with
           `--target cuda` for the GPU. An fp16 (cuda) bundle runs on CPU, slower, with a warning.
-        threads: CPU intra-op threads (default: physical cores).
+        threads: CPU intra-op threads (default: 1 for a model under 16 MB, else the physical cores;
+            providers.default_threads says why).
         verify: check every file's sha256 against gptedge.json (the model's safety scan always runs).
           A successful check is remembered in the user cache with each file's size, mtime, ctime and
           inode, so an unchanged bundle is not re-hashed on every load; any change re-hashes it.

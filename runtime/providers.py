@@ -149,6 +149,21 @@ def spin_default() -> bool:
     return os.environ.get("GPTEDGE_SPIN", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# One intra-op thread for models this small: their decode step is mostly per-operator overhead, and handing each
+# small operator to a second thread costs more than it saves (benchmarks/results/runtime-choices.json,
+# decode_by_threads: the 1.2 MB demo model decodes about 2x faster on one thread than on two, the 129 MB
+# GPT-2-124M-shape INT8 bundle about 1.1x faster on two). The crossover between them is not measured; below
+# this size one thread is the measured side of it.
+SINGLE_THREAD_MAX_BYTES = 16 << 20
+
+
+def default_threads(model_path: Path) -> int | None:
+    """Intra-op threads when the caller gives none: 1 for a model under SINGLE_THREAD_MAX_BYTES (graph plus
+    external weights), else the physical cores (None: onnxruntime's own choice)."""
+    weights = sum(p.stat().st_size for p in model_path.parent.glob(f"{model_path.name}*") if p.is_file())
+    return 1 if weights < SINGLE_THREAD_MAX_BYTES else physical_cores()
+
+
 def session_options(choice: ProviderChoice, threads: int | None, spin: bool = False) -> ort.SessionOptions:
     """Options tuned for one-token-at-a-time decoding: sequential, intra-op threads = physical cores."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
@@ -245,6 +260,8 @@ def create_session(model_path: Path, choice: ProviderChoice, threads: int | None
     A cache problem costs speed only: the session is then built from the bundle directly.
     """
     session_options(choice, threads)  # a bad argument fails here, before the cache is read (or dropped as "broken")
+    if threads is None:
+        threads = default_threads(model_path)
     session, info = None, SessionInfo(choice, "off", model_path)
     if key is not None and TRAITS[choice.name].graph_cache and cache_limit_bytes() > 0:
         entry = cache_root() / "graphs" / key

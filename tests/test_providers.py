@@ -227,3 +227,21 @@ def test_spin_is_opt_in_through_the_argument_the_environment_and_the_cli(runtime
     add_arguments(parser, "generate")
     assert parser.parse_args([str(runtime_bundle), "hi", "--spin"]).spin is True
     assert parser.parse_args([str(runtime_bundle), "hi"]).spin is None
+
+
+def test_small_models_default_to_one_thread(runtime_bundle, tmp_path) -> None:
+    """A tiny model's step is per-operator overhead: one intra-op thread unless the caller asks for more."""
+    from gptedge.runtime import Model
+    from gptedge.runtime.providers import SINGLE_THREAD_MAX_BYTES, default_threads, physical_cores
+
+    def threads(model) -> int:
+        return model.engine.session.get_session_options().intra_op_num_threads
+
+    assert default_threads(runtime_bundle / "model.onnx") == 1
+    assert threads(Model.load(runtime_bundle, provider="cpu")) == 1
+    assert threads(Model.load(runtime_bundle, provider="cpu", threads=2)) == 2
+    big = tmp_path / "model.onnx"
+    big.write_bytes(b"x")
+    with open(tmp_path / "model.onnx.data", "wb") as f:  # sparse: the size counts, not the disk
+        f.truncate(SINGLE_THREAD_MAX_BYTES)
+    assert default_threads(big) == physical_cores()
