@@ -108,3 +108,11 @@ def runtime_model(runtime_bundle: Path):
     from gptedge.runtime import Model
 
     return Model.load(runtime_bundle, provider="cpu", threads=1)
+
+
+def stdlib_text(dest: Path, chars: int, module: str = "textwrap.py") -> Path:
+    """The first `chars` characters of a standard-library module as a held-out text file (never trained on)."""
+    path = dest / "heldout.py"
+    path.write_text((Path(sysconfig.get_paths()["stdlib"]) / module).read_text(encoding="utf-8")[:chars],
+                    encoding="utf-8")
+    return path

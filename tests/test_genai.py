@@ -5,13 +5,13 @@ families, fp32, INT8 (with and without the int8 KV cache) and INT4."""
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from conftest import stdlib_text
 from gptedge.errors import BundleError, QuantizeError, UsageError
 from gptedge.export.exporter import export_bundle
 from gptedge.quantize import quantize_bundle
@@ -27,10 +27,7 @@ PROMPTS = ["def add(a, b):\n    return", "hello", "for i in range(10):", "The qu
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "heldout.py"
-    path.write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")[:5000],
-                    encoding="utf-8")
-    return path
+    return stdlib_text(tmp_path_factory.mktemp("text"), 5000)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import stdlib_text
 from gptedge.errors import QuantizeError
 from gptedge.export.exporter import export_bundle
 from gptedge.quantize import quantize_bundle
@@ -36,10 +37,7 @@ PROMPTS = ["def add(a, b):\n    return", "hello", "for i in range(10):"]
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "heldout.py"
-    path.write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")[:8000],
-                    encoding="utf-8")
-    return path
+    return stdlib_text(tmp_path_factory.mktemp("text"), 8000)
 
 
 @pytest.fixture(scope="module")
