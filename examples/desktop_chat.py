@@ -212,6 +212,7 @@ def run_window(args: argparse.Namespace) -> int:
     window = ChatWindow(root, args.bundle, args.max_new_tokens, args.temperature, args.threads)
     if args.prompt:
         def report(answer: str) -> None:
+            root.update_idletasks()  # draw the last pieces before anyone looks (the test's screenshot)
             transcript = window.transcript.get("1.0", "end")
             print(json.dumps({"answer": answer, "transcript": transcript}), flush=True)
             root.after(1500, root.destroy)  # time for a screenshot of the finished window

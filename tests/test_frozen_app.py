@@ -116,6 +116,14 @@ def display():
     server.wait(timeout=10)
 
 
+WINDOW = (0, 0, 720, 480)  # where the window opens on the virtual screen
+
+
+def text_pixels(shot) -> int:
+    """Dark pixels in the window: text on the light transcript background."""
+    return sum(shot.crop(WINDOW).convert("L").histogram()[:128])
+
+
 def test_window_streams_an_answer_under_xvfb(app: Path, chat_bundle: Path, display: str) -> None:
     from PIL import ImageGrab, ImageStat
 
@@ -127,7 +135,11 @@ def test_window_streams_an_answer_under_xvfb(app: Path, chat_bundle: Path, displ
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
     try:
         line = lines.get(timeout=120)  # the app prints its JSON report when the answer has finished streaming
-        shot = ImageGrab.grab(xdisplay=display)  # before the window closes itself
+        shot = ImageGrab.grab(xdisplay=display)  # before the window closes itself (1.5 s later)
+        deadline = time.monotonic() + 1.0
+        while text_pixels(shot) <= 2000 and time.monotonic() < deadline:  # the X server may still be drawing
+            time.sleep(0.1)
+            shot = ImageGrab.grab(xdisplay=display)
         proc.wait(timeout=60)
     except queue.Empty:
         line = ""
@@ -146,10 +158,8 @@ def test_window_streams_an_answer_under_xvfb(app: Path, chat_bundle: Path, displ
     assert expected in report["transcript"]  # the streamed pieces are what the window shows
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot.save(ARTIFACTS / "desktop_chat.png")
-    window = shot.crop((0, 0, 720, 480)).convert("L")
-    dark = sum(window.histogram()[:128])  # text pixels on the light transcript background
-    assert dark > 2000, "the window shows almost no text"
-    assert ImageStat.Stat(window).stddev[0] > 10
+    assert text_pixels(shot) > 2000, "the window shows almost no text"
+    assert ImageStat.Stat(shot.crop(WINDOW).convert("L")).stddev[0] > 10
 
 
 def test_stop_cancels_the_answer_and_keeps_the_window_usable(runtime_bundle: Path, display: str,
