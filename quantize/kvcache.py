@@ -29,15 +29,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gptedge.errors import QuantizeError
 from gptedge.quantize.roles import attr
-from gptedge.runtime.bundle import BundleSpec
+from gptedge.runtime.bundle import DTYPES, KV_DTYPES, BundleSpec
 
-KV_DTYPES = ("int8",)  # what `quantize --kv-cache` can store besides the source's own dtype
+# What `quantize --kv-cache` can store besides the float dtypes (the bundle format's list, less the float ones).
+QUANTIZED_KV_DTYPES = tuple(d for d in KV_DTYPES if d not in DTYPES)
 GQA = "GroupQueryAttention"
 QMAX = 127.0  # symmetric int8: round(x / scale) in [-127, 127]; the kernel saturates anything beyond
 K_SCALE_INPUT, V_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale input slots (com.microsoft, v1)
 ROTARY_COS_INPUT = 7
 TINY = 1e-8  # a channel that stayed zero in calibration still needs a positive scale
-_ONNX_KV = {"int8": TensorProto.INT8}
 
 
 @dataclass
@@ -133,7 +133,7 @@ def apply_int8_cache(model: onnx.ModelProto, spec: BundleSpec, scales: KVScales)
     wanted = set(names)
     for value in [*model.graph.input, *model.graph.output]:
         if value.name in wanted:
-            value.type.tensor_type.elem_type = _ONNX_KV["int8"]
+            value.type.tensor_type.elem_type = TensorProto.INT8
             wanted.discard(value.name)
     if wanted:
         raise QuantizeError(f"the graph does not declare the cache tensors {sorted(wanted)[:2]}; re-export the bundle")
@@ -159,4 +159,4 @@ def quantize_kv_cache(model_path: Path, spec: BundleSpec, windows: list[np.ndarr
     }
 
 
-__all__ = ["KV_DTYPES", "KVScales", "apply_int8_cache", "calibrate", "quantize_kv_cache"]
+__all__ = ["QUANTIZED_KV_DTYPES", "KVScales", "apply_int8_cache", "calibrate", "quantize_kv_cache"]

@@ -45,7 +45,7 @@ from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, read_
 
 DEFAULT_MAX_PPL_INCREASE = 2.0  # percent
 SCRATCH = ".scratch"  # candidates are built here, inside the output's temporary folder
-KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see (about 20 s of prefill at 124M)
+KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see (prefill only: cheap next to a gate)
 
 # The method `--method auto` picks per target, and why. CPU runs every recipe fused; which one decodes
 # fastest is measured by benchmarks/quantize_methods.py (benchmarks/results/quantize-methods.json: decode
@@ -143,13 +143,13 @@ def _recipe(spec: BundleSpec, method: str, log: Log) -> Method:
 
 def _kv_cache(spec: BundleSpec, kv_cache: str | None) -> str | None:
     """The KV cache dtype to build (None: keep the source's); refused before any work when the bundle cannot have it."""
-    from gptedge.quantize.kvcache import KV_DTYPES
+    from gptedge.quantize.kvcache import QUANTIZED_KV_DTYPES
     from gptedge.runtime.traits import TRAITS
 
     if kv_cache is None or kv_cache == spec.kv_cache.dtype:
         return None
-    if kv_cache not in KV_DTYPES:
-        raise QuantizeError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_DTYPES)} (or the source's "
+    if kv_cache not in QUANTIZED_KV_DTYPES:
+        raise QuantizeError(f"--kv-cache {kv_cache!r} is not one of {', '.join(QUANTIZED_KV_DTYPES)} (or the source's "
                             f"{spec.kv_cache.dtype})")
     if spec.kv_cache.update != "inplace":
         raise QuantizeError(f"an {kv_cache} KV cache needs the in-place cache (GroupQueryAttention); this bundle was "

@@ -241,7 +241,7 @@ class Engine:
         if not cache.decode_bound:
             for name, value in buffers.items():
                 cache.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
-            array, value = self._logits_buffer(cache, cache.batch, 1)
+            _, value = self._logits_buffer(cache, cache.batch, 1)
             cache.binding.bind_ortvalue_output(self.io.logits, value)
             cache.decode_bound = True
         io, lengths = self.io, cache.lengths
@@ -249,9 +249,7 @@ class Engine:
         if io.position_ids:
             np.minimum(lengths, self.arch.context_length - 1, out=buffers[io.position_ids][:, 0])
         buffers[io.seqlens_k][:] = lengths  # the new token's position: last real position per row
-        buffers[io.total_sequence_length][...] = lengths.max() + 1
-        if io.logits_index:
-            buffers[io.logits_index][:] = 0
+        buffers[io.total_sequence_length][...] = lengths.max() + 1  # logits_index stays 0, as the template set it
         self._run(lambda: self.session.run_with_iobinding(cache.binding))
         lengths += 1
         array = self._logits_buffer(cache, cache.batch, 1)[0]

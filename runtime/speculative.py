@@ -47,8 +47,8 @@ LOOKUP_PAUSE = 4  # ... for prompt lookup, whose retry costs one verify step and
 MAX_BACKOFF = 4  # ... at most PAUSE << MAX_BACKOFF steps
 PROBE = 2  # timed runs start with this many plain steps, to measure what a plain token costs
 EMA = 0.3  # weight of the newest measurement in the running averages
-VERIFY_EXTRA = 0.125  # each proposal adds this fraction of a one-token step to a verify step (k=8 on the
-# GPT-2-124M shape: 2.0x a one-token step, benchmarks/results/speculative.json; smaller models pay less)
+VERIFY_EXTRA = 0.125  # each proposal adds this fraction of a one-token step to a verify step: a little above what
+# k = 8 costs per proposal on the GPT-2-124M shape (benchmarks/results/speculative.json); smaller models pay less
 
 
 def lookup_proposals(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, window: int = 4096) -> list[int]:

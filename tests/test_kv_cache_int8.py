@@ -141,7 +141,7 @@ def test_pair_norm_is_rotation_invariant() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_int8_cache_batches_and_streams_like_solo_runs(bundles, family: str) -> None:
+def test_int8_cache_batch_and_batcher_match_solo_runs(bundles, family: str) -> None:
     model = Model.load(bundles[family]["kv8"], provider="cpu", threads=1)
     kws = [dict(temperature=0.8, seed=i, max_new_tokens=12, stop_token_ids=()) for i in range(len(PROMPTS))]
     solo = [model.generate(p, **kw) for p, kw in zip(PROMPTS, kws)]
