@@ -10,7 +10,8 @@ position. Rows whose peer is not installed (optimum-onnx, onnxruntime-genai and 
 llama-cpp-python, llama.cpp's own llama-bench) are listed as skipped, never faked.
 
 llama.cpp runs twice over the same GGUF files: through llama-cpp-python's generate() and through
-its own C++ loop (`llama-bench`, pp128 / tg128), built from the source vendored in the
+its own C++ loop (`llama-bench`, pp128 from empty and tg128 at depth 128, the positions every row decodes
+at), built from the source vendored in the
 llama-cpp-python sdist. Point LLAMA_CPP_BUILD at that build folder (its bin/ holds llama-bench,
 llama-quantize and the shared libraries; llama-cpp-python then loads those via LLAMA_CPP_LIB_PATH).
 onnxruntime-genai's model builder needs a newer transformers than the tests pin: install one with
@@ -269,15 +270,21 @@ def build_rows(args) -> tuple[list[Row], list[str], str | None]:
 
 
 def run_llama_bench(row: Row) -> dict:
-    """llama.cpp's own benchmark: pp128 (prefill tok/s) and tg128 (decode tok/s) on the same GGUF, same threads."""
+    """llama.cpp's own benchmark on the same GGUF, same threads: pp128 from an empty cache (prefill tok/s) and tg128
+    at depth 128 (decode tok/s at positions 128-255, where every other row decodes: after the 128-token prompt)."""
     cmd = [str(LLAMA_BUILD / "bin" / "llama-bench"), "-m", str(row.artifact), "-p", str(PROMPT_LEN), "-n",
-           str(NEW_TOKENS), "-t", str(THREADS), "-r", "1", "-o", "json", *row.extra]  # a later -t wins
+           str(NEW_TOKENS), "-d", f"0,{PROMPT_LEN}", "-t", str(THREADS), "-r", "1", "-o", "json",
+           *row.extra]  # a later -t wins
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{row.name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     tests = json.loads(proc.stdout)
-    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == PROMPT_LEN and t["n_gen"] == 0)
-    tg = next(t["avg_ts"] for t in tests if t["n_gen"] == NEW_TOKENS and t["n_prompt"] == 0)
+
+    def rate(n_prompt: int, n_gen: int, depth: int) -> float:
+        return next(t["avg_ts"] for t in tests
+                    if (t["n_prompt"], t["n_gen"], t.get("n_depth", 0)) == (n_prompt, n_gen, depth))
+
+    pp, tg = rate(PROMPT_LEN, 0, 0), rate(0, NEW_TOKENS, PROMPT_LEN)
     return {"load_s": None, "ttft_ms": 1000 * PROMPT_LEN / pp, "cold_ttft_ms": None, "decode_tps": tg,
             "late_position": None, "late_decode_tps": None, "peak_rss_mb": None, "tokens": None, "prefill_tps": pp,
             "curve": {"positions": [], "tps": [], "late_positions": [], "late_tps": []}}
@@ -354,8 +361,10 @@ def markdown(results: list[dict], skipped: list[str], meta: dict) -> str:
         lines.append("`-t1` rows: one thread (gptedge `threads=1`, llama-bench `-t 1`), the other rows "
                      f"{THREADS}: with a model this small a step is mostly per-operator overhead.")
     if any(r.get("prefill_tps") for r in results):
-        lines.append("llama-bench rows: decode is tg128; TTFT (pp) is 128 / pp128 tok/s, prefill alone (no sampling, "
-                     "no first decode step); llama-bench reports neither load time nor RSS.")
+        lines.append(f"llama-bench rows: decode is tg{NEW_TOKENS} at depth {PROMPT_LEN} (`-d`: positions "
+                     f"{PROMPT_LEN}-{PROMPT_LEN + NEW_TOKENS - 1}, those the other rows decode at); TTFT (pp) is "
+                     f"{PROMPT_LEN} / pp{PROMPT_LEN} tok/s from an empty cache, prefill alone (no sampling, no first "
+                     "decode step); llama-bench reports neither load time nor RSS.")
     if skipped:
         lines.append("Skipped: " + "; ".join(skipped) + ".")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,11 @@ On the GPT-2-124M-shape INT8 bundle (2 threads), each in a fresh process:
 - the tokenizer's vocabulary size lookup that the detokenizer caches (runtime/detokenizer.py);
 - the default thread count by model size: decode tokens/s with 1 and THREADS intra-op threads (spinning
   off) on the trained demo model's INT8 bundle and the GPT-2-124M-shape one (runtime/providers.py
-  `default_threads`; `--part threads` re-measures only this and keeps the rest of the file).
+  `default_threads`);
+- the sampler's cost per token (`sample_next`, runtime/sampling.py) for common filter settings over a
+  2,048- and a 50,257-entry vocabulary, and what one pass of the nucleus's threshold search costs next to
+  the np.partition it replaced.
+`--part threads` or `--part sampling` re-measures only that part and keeps the rest of the file.
 Writes benchmarks/results/runtime-choices.json; the code comments cite it.
 """
 
@@ -75,6 +79,51 @@ rates = [m.generate(ids, temperature=0, max_new_tokens=96, stop_token_ids=()).ti
 print(json.dumps({"decode_tokens_per_s": sorted(rates)[1]}))
 """
 
+SAMPLING_SETTINGS = {
+    "temperature 0.8": dict(temperature=0.8),
+    "temperature 0.8, top-p 0.95": dict(temperature=0.8, top_p=0.95),
+    "temperature 0.8, top-k 50": dict(temperature=0.8, top_k=50),
+    "temperature 0.7, top-k 40, top-p 0.9, min-p 0.05": dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05),
+    "temperature 1.3, top-k 1000": dict(temperature=1.3, top_k=1000),
+}
+
+
+def sampling_costs(repeats: int = 7) -> dict:
+    """Microseconds per `sample_next` call (median of `repeats` timed loops) on rows of standard-normal logits x 2.5
+    with five tokens 12 above the rest (a peaked head over a long tail), and the cost of one threshold pass of
+    `_nucleus` next to an np.partition over the same 50,257-entry row of probabilities."""
+    import numpy as np
+
+    from gptedge.runtime.sampling import SamplingParams, sample_next
+
+    def per_call(fn, n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t) / n)
+        return 1e6 * statistics.median(times)
+
+    rng = np.random.default_rng(0)
+    out: dict = {"logits": "standard normal x 2.5, five tokens +12, float32", "us_per_token": {}}
+    for vocab in (2048, 50257):
+        row = (np.random.default_rng(1).standard_normal(vocab) * 2.5).astype(np.float32)
+        row[:5] += 12
+        n = 2000 if vocab < 10_000 else 100
+        params = {"greedy": SamplingParams(temperature=0.0),
+                  **{name: SamplingParams(**kw) for name, kw in SAMPLING_SETTINGS.items()}}
+        out["us_per_token"][f"vocab {vocab}"] = {
+            name: per_call(lambda q=q: sample_next(row, q, rng), n) for name, q in params.items()}
+    probs = np.exp(np.random.default_rng(1).standard_normal(50257) * 2.5)
+    probs /= probs.sum()
+    thr = probs.max() / 16
+    out["vocab 50257 one pass"] = {
+        "threshold: compare + masked sum, us": per_call(lambda: np.sum(probs, where=probs >= thr), 200),
+        "np.partition at the 64th largest, us": per_call(lambda: np.partition(probs, probs.size - 64), 200)}
+    return out
+
+
 BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    pass\n"
 
 
@@ -103,7 +152,7 @@ def main() -> None:
     from gptedge.runtime.generator import PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "threads"), default="all")
+    parser.add_argument("--part", choices=("all", "threads", "sampling"), default="all")
     args = parser.parse_args()
     root = CACHE / "gpt2-124m"
     bundle = str(prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"])
@@ -112,11 +161,12 @@ def main() -> None:
     if (demo / "gptedge.json").exists():
         bundles = {"demo int8-weight": str(demo), **bundles}
     path = HERE / "results" / "runtime-choices.json"
-    if args.part == "threads":
-        result = {**json.loads(path.read_text()), "threads_machine": machine(),
-                  "decode_by_threads": thread_counts(bundles)}
+    if args.part != "all":
+        key, value = (("decode_by_threads", thread_counts(bundles)) if args.part == "threads"
+                      else ("sampling", sampling_costs()))
+        result = {**json.loads(path.read_text()), f"{args.part}_machine": machine(), key: value}
         path.write_text(json.dumps(result, indent=1))
-        print(json.dumps(result["decode_by_threads"], indent=1))
+        print(json.dumps(result[key], indent=1))
         return
     prefill = {f"chunk_{c}": [run(PREFILL, bundle, str(c), str(THREADS)) for _ in range(2)]
                for c in (900, PREFILL_CHUNK)}
@@ -142,7 +192,7 @@ def main() -> None:
         "prefill_900_tokens": prefill_summary, "prefill_runs": prefill,
         "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in spinning.items()},
         "get_vocab_size_ms": 1000 * statistics.median(times), "vocab": tok.get_vocab_size(with_added_tokens=True),
-        "decode_by_threads": thread_counts(bundles),
+        "decode_by_threads": thread_counts(bundles), "sampling": sampling_costs(),
     }
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "prefill_runs"}, indent=1))

@@ -13,7 +13,8 @@ longer). Measured:
    - sampling (SAMPLING, unseeded, so the draft's pacing may use measured times): plain against lookup
      and the draft. The texts differ run to run; what is compared is tokens per second and acceptance
      (the distribution is the same: tests/test_speculative_draft.py).
-   The cost of one decode step of the model and of the draft is reported with them.
+   The cost of one decode step of the model and of the draft is reported with them. Both load with the
+   runtime's default thread count (one thread for models this small), which is recorded.
 Writes benchmarks/results/speculative.json (not in --smoke mode).
 """
 
@@ -49,7 +50,7 @@ def verify_costs(bundle: Path) -> dict[str, float]:
             engine.forward(cache, np.arange(200, dtype=np.int64)[None, :] % 1000)
             t = time.perf_counter()
             for _ in range(8):
-                engine.forward(cache, np.full((1, k), 7, np.int64), logits_index=np.arange(k)[None, :])
+                engine.forward(cache, np.full((1, k), 7, np.int64), every_position=True)  # as verify steps run
                 cache.lengths -= k - 1  # stay near position 200
             times.append((time.perf_counter() - t) / 8)
             engine.release(cache)
@@ -151,10 +152,12 @@ def compare(model, draft, sampling: dict, new_tokens: int, per_kind: int | None)
 def trained_rows(model_path: Path, draft_path: Path, new_tokens: int, per_kind: int | None) -> dict:
     from gptedge.runtime import Model
 
-    model = Model.load(model_path, provider="cpu", threads=THREADS)
-    draft = Model.load(draft_path, provider="cpu", threads=THREADS)
+    model = Model.load(model_path, provider="cpu")  # the thread count a user gets (runtime default_threads)
+    draft = Model.load(draft_path, provider="cpu")
     model.generate("def f():", max_new_tokens=8, speculative=draft)  # warm both sessions
     return {
+        "threads": {name: m.engine.session.get_session_options().intra_op_num_threads
+                    for name, m in (("model", model), ("draft", draft))},
         "step_ms": {"model": step_ms(model), "draft": step_ms(draft)},
         "draft_shape": DRAFT_SHAPE,
         "greedy": compare(model, draft, dict(temperature=0.0), new_tokens, per_kind),

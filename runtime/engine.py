@@ -28,6 +28,20 @@ from gptedge.runtime.bundle import BundleSpec
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}  # KV cache dtypes (bundle.KV_DTYPES)
 POOL_LIMIT = 4  # idle KV caches kept per (batch, capacity): a burst of concurrent requests must not pin memory forever
+BOUND_STEP_MAX = 16  # steps of up to this many tokens run on bound buffers: decode (1), verify (1 + proposals)
+
+
+@dataclass
+class BoundStep:
+    """The inputs of one step shape (S new tokens per row, logits at K positions), bound once and written in place.
+
+    `arrays` are host buffers `values` wrap without a copy; `offsets` is arange(S), each new token's place after
+    the row's stored length.
+    """
+
+    arrays: dict[str, np.ndarray]
+    values: dict[str, ort.OrtValue]
+    offsets: np.ndarray
 
 
 @dataclass
@@ -45,8 +59,8 @@ class KVCache:
     valid: np.ndarray | None = None  # "concat" only: [B, P] int64 attention mask of stored positions
     binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
     logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
-    decode: dict[str, np.ndarray] | None = None  # "inplace": one-token step inputs, bound once (`Engine._decode`)
-    decode_bound: bool = False  # whether `binding` holds the `decode` buffers now (a longer step re-binds)
+    bound: dict[tuple[int, int], BoundStep] = field(default_factory=dict)  # "inplace": `Engine._bound_step`'s
+    bound_key: tuple[int, int] | None = None  # the (S, K) whose buffers `binding` holds now (None: re-bind)
 
 
 def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -166,21 +180,28 @@ class Engine:
         input_ids: np.ndarray,
         lengths: np.ndarray | None = None,
         logits_index: np.ndarray | None = None,
+        *,
+        every_position: bool = False,
     ) -> np.ndarray:
         """Append `input_ids` [B, S] (row b holds `lengths[b]` real tokens, right-padded) and return logits.
 
         Returns float32 logits [B, K, V] for the positions in `logits_index` [B, K] (default: each row's
-        last real token, K = 1). The returned array is reused by the next call with the same (B, K):
-        copy it if you keep it.
+        last real token, K = 1; `every_position`: all S positions, K = S, as a speculative verify step
+        reads them). The returned array is reused by the next call with the same (B, K): copy it if you
+        keep it.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         B, S = input_ids.shape
         if B != cache.batch:
             raise UsageError(f"input batch {B} does not match the cache's batch {cache.batch}")
-        if S == 1 and lengths is None and logits_index is None and self.inplace:  # a decode step: the fast path
-            end = int(cache.lengths.max()) + 1
-            self._check_room(cache, end, end)
-            return self._decode(cache, input_ids)
+        if every_position:
+            if logits_index is not None:
+                raise UsageError("pass logits_index or every_position, not both")
+            if lengths is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
+                return self._bound_step(cache, input_ids, S)
+            logits_index = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S))
+        elif lengths is None and logits_index is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
+            return self._bound_step(cache, input_ids, 1)
         lengths = np.full(B, S, np.int64) if lengths is None else np.asarray(lengths, np.int64)
         if lengths.min() < 1 or lengths.max() > S:
             raise UsageError("each row needs between 1 and S new tokens")
@@ -225,34 +246,42 @@ class Engine:
             feed[io.attention_mask] = np.concatenate([cache.valid, new_valid], axis=1)
         return feed
 
-    def _decode(self, cache: KVCache, input_ids: np.ndarray) -> np.ndarray:
-        """One new token per row on an in-place cache: `step_inputs` for S = 1, written into buffers bound once.
+    def _bound_step(self, cache: KVCache, input_ids: np.ndarray, k: int) -> np.ndarray:
+        """S real tokens per row on an in-place cache, logits at the last K = k positions (1 or S): `step_inputs`
+        for that shape, written into buffers bound once per shape.
 
-        A decode step of a small model costs about as much in Python as in onnxruntime, and re-binding five
-        inputs and the logits is most of the Python part, so the buffers stay bound between steps and only
-        their values change (tests/test_engine_decode.py checks them against `step_inputs`). `forward` has
-        checked the room.
+        A decode step of a small model costs about as much in Python as in onnxruntime, and allocating and
+        re-binding five inputs and the logits is most of the Python part, so each step shape keeps its buffers
+        and only their values change (tests/test_engine_decode.py checks them against `step_inputs`). A decode
+        step and the verify steps of speculative decoding (1 + proposals tokens, every position's logits) take
+        this path; switching shapes re-binds existing OrtValues, allocating nothing.
         """
-        buffers = cache.decode
-        if buffers is None:
-            B = cache.batch
-            template = self.step_inputs(cache, input_ids, np.ones(B, np.int64), np.zeros((B, 1), np.int64))
-            buffers = cache.decode = {name: np.array(value) for name, value in template.items()}
-        if not cache.decode_bound:
-            for name, value in buffers.items():
-                cache.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
-            _, value = self._logits_buffer(cache, cache.batch, 1)
-            cache.binding.bind_ortvalue_output(self.io.logits, value)
-            cache.decode_bound = True
-        io, lengths = self.io, cache.lengths
-        buffers[io.input_ids][:] = input_ids
-        if io.position_ids:
-            np.minimum(lengths, self.arch.context_length - 1, out=buffers[io.position_ids][:, 0])
-        buffers[io.seqlens_k][:] = lengths  # the new token's position: last real position per row
-        buffers[io.total_sequence_length][...] = lengths.max() + 1  # logits_index stays 0, as the template set it
-        self._run(lambda: self.session.run_with_iobinding(cache.binding))
-        lengths += 1
-        array = self._logits_buffer(cache, cache.batch, 1)[0]
+        B, S = input_ids.shape
+        end = int(cache.lengths.max()) + S
+        self._check_room(cache, end, end)
+        key = (S, k)
+        step = cache.bound.get(key)
+        if step is None:
+            index = np.broadcast_to(np.arange(S - k, S, dtype=np.int64), (B, k))
+            template = self.step_inputs(cache, input_ids, np.full(B, S, np.int64), np.ascontiguousarray(index))
+            arrays = {name: np.array(value) for name, value in template.items()}
+            values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+            step = cache.bound[key] = BoundStep(arrays, values, np.arange(S, dtype=np.int64))
+        binding, io, lengths = cache.binding, self.io, cache.lengths
+        if cache.bound_key != key:
+            for name, value in step.values.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(io.logits, self._logits_buffer(cache, B, k)[1])
+            cache.bound_key = key
+        arrays = step.arrays
+        arrays[io.input_ids][...] = input_ids
+        if io.position_ids:  # the room check keeps every position inside the table: no clamp needed
+            np.add(lengths[:, None], step.offsets, out=arrays[io.position_ids])
+        np.add(lengths, S - 1, out=arrays[io.seqlens_k], casting="unsafe")  # last real position per row
+        arrays[io.total_sequence_length][...] = end  # logits_index stays as the template set it
+        self._run(lambda: self.session.run_with_iobinding(binding))
+        lengths += S
+        array = self._logits_buffer(cache, B, k)[0]
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
     def prefill_feed(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -278,7 +307,7 @@ class Engine:
 
     def _forward_inplace(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
         binding = cache.binding
-        cache.decode_bound = False
+        cache.bound_key = None
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
         array, value = self._logits_buffer(cache, *logits_index.shape)

@@ -190,6 +190,14 @@ def _shift_max_to_zero(x: np.ndarray, axis: int = -1, inplace: bool = False) -> 
     `inplace` reuses x's buffer: fresh 400 KB temporaries per token cost more
     than the arithmetic on them (page faults), so the hot path avoids them.
     """
+    if x.ndim == 1:  # one row, the sampling hot path: a Python float check instead of three tiny-array ops
+        top = float(x.max())
+        if math.isfinite(top):
+            with np.errstate(over="ignore"):  # -1e308 - 1e308 -> -inf is the intended result
+                if inplace:
+                    x -= top
+                    return x
+                return x - top
     m = np.max(x, axis=axis, keepdims=True)
     if not np.isfinite(m).all():
         if np.isneginf(m).any():
@@ -338,13 +346,30 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- filters
 
 
+TOP_K_PASSES = 8  # falling thresholds `_top_k` tries (max - 1, - 4, ... - 4**7) before selecting over the whole row
+
+
 def _top_k(c: Cands, k: int) -> Cands:
     vals = c[1]
     n = vals.size
     if k <= 0 or k >= n:
         return c
-    # O(V) selection instead of a sort; the k-th largest value is the threshold.
-    idx = np.argpartition(vals, n - k)[n - k :]
+    # The k-th largest value is the threshold. An argpartition over a whole 50k row is slow, so it runs over a head
+    # instead: the values within 1, 4, 16, ... of the max, the first head that holds k (counting is cheap). A large
+    # k (an eighth of the row or more) needs most of the row: select over all of it at once.
+    pool = None
+    top = float(vals.max())
+    if math.isfinite(top) and 8 * k < n:
+        for i in range(TOP_K_PASSES):
+            mask = vals >= top - 4.0**i
+            count = np.count_nonzero(mask)
+            if count >= k:
+                pool = np.flatnonzero(mask) if 2 * count < n else None
+                break
+    if pool is None:
+        idx = np.argpartition(vals, n - k)[n - k :]
+    else:
+        idx = pool[np.argpartition(vals[pool], pool.size - k)[pool.size - k :]]
     thr = vals[idx].min()
     if np.count_nonzero(vals == thr) == np.count_nonzero(vals[idx] == thr):
         return _select(c, np.sort(idx))  # no tie crosses the boundary: the common case
@@ -362,27 +387,31 @@ def _first_k(vals: np.ndarray, thr: float, k: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+HEAD_RATIO = 1 / 16  # each pass of `_nucleus` lowers its probability threshold by this factor
+
+
 def _nucleus(probs: np.ndarray, p: float) -> tuple[int, float]:
     """(how many tokens top-p keeps, probability of the last one kept).
 
-    Sorts values, never indices (an argsort over 50k is ~10x slower than a value
-    sort), and first only the head: the top 64, 512, 4096, 32768 values
-    (np.partition, O(V) each) are tried before sorting everything, since peaked
-    distributions reach p within a few dozen tokens and flat ones within a few
-    thousand. Every value tied with the selection threshold is included, so a
-    sorted head is an exact prefix of the fully sorted values and its
-    sequential cumsum equals the full one's. Zero probabilities carry no mass
-    and are never counted.
+    Sorts values, never indices (an argsort over 50k is ~10x slower than a value sort), and only a head of
+    them: every value >= a threshold, the threshold starting at max / 16 and falling 16x a pass until the
+    head holds mass p. A head holds every value tied with its threshold, so it is an exact prefix of the fully
+    sorted values and its sequential cumsum equals the full one's: the result is the full sort's, bit for bit.
+    A threshold costs one comparison and a masked sum over the row, less than the np.partition per pass this
+    replaced (both in benchmarks/results/runtime-choices.json `sampling`); peaked distributions reach p in the
+    first pass or two, flat ones within a few more. Zero probabilities carry no mass and are never counted.
     """
-    n = probs.size
-    for m in (64, 512, 4096, 32768, n):
-        thr = np.partition(probs, n - m)[n - m] if m < n else 0.0
-        head = np.sort(probs[probs >= thr] if thr > 0 else probs[probs > 0])[::-1]
-        cs = np.cumsum(head)
-        if thr == 0 or cs[-1] >= p:
-            cut = min(int(np.searchsorted(cs, p, side="left")) + 1, head.size)
-            return cut, float(head[cut - 1])
-    raise AssertionError("unreachable: the last pass covers every non-zero probability")
+    top = float(probs.max())
+    thr = top * HEAD_RATIO
+    while True:
+        keep = probs >= thr if thr > 0 else probs > 0
+        if thr == 0 or np.sum(probs, where=keep) >= p * (1 - 1e-12):  # the cumsum below decides exactly
+            head = np.sort(probs[keep])[::-1]
+            cs = np.cumsum(head)
+            if thr == 0 or cs[-1] >= p:
+                cut = min(int(np.searchsorted(cs, p, side="left")) + 1, head.size)
+                return cut, float(head[cut - 1])
+        thr = thr * HEAD_RATIO if thr * HEAD_RATIO > np.finfo(np.float64).tiny else 0.0
 
 
 def _top_p(c: Cands, p: float) -> Cands:

@@ -253,11 +253,7 @@ def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Propos
             started = time.perf_counter()
             proposals, qs = proposer.propose(seq, room)
             feed = np.array([[step.token, *proposals]], np.int64)
-            if proposals:
-                index = np.arange(feed.shape[1], dtype=np.int64)[None, :]
-                rows = engine.forward(cache, feed, logits_index=index)[0]  # [1 + len(proposals), V]
-            else:  # nothing to verify: a plain step, on the engine's one-token fast path
-                rows = engine.forward(cache, feed)[0]
+            rows = engine.forward(cache, feed, every_position=True)[0]  # [1 + len(proposals), V], bound buffers
     finally:
         proposer.close()
 
