@@ -14,7 +14,9 @@ longer). Measured:
      and the draft. The texts differ run to run; what is compared is tokens per second and acceptance
      (the distribution is the same: tests/test_speculative_draft.py).
    The cost of one decode step of the model and of the draft is reported with them. Both load with the
-   runtime's default thread count (one thread for models this small), which is recorded.
+   runtime's default thread count (one thread for models this small), which is recorded. Every prompt runs in
+   every mode in each of ROUNDS rounds; speedups are medians over rounds, of whole generations (`speedup`) and
+   of the decoding after the first token (`decode_speedup`, what speculation changes; the prefill is the same).
 Writes benchmarks/results/speculative.json (not in --smoke mode).
 """
 
@@ -35,26 +37,32 @@ from peers import CACHE, prepare_gptedge
 NEW_TOKENS = 96
 DRAFT_SHAPE = dict(n_layer=1, n_head=2, n_embd=64)  # ~1/4 of the `small` model's layers and 1/2 its width
 SAMPLING = dict(temperature=0.8, top_p=0.95)
+ROUNDS = 5  # every prompt in every mode, this many times: the machine's noise is wide, medians over rounds are not
 
 
-def verify_costs(bundle: Path) -> dict[str, float]:
+def verify_costs(bundle: Path, rounds: int = 9) -> dict[str, float]:
+    """Milliseconds of one engine step of k new tokens near position 200, logits at every position (a verify step),
+    for k = 1, 2, 4, 8: each round measures every k once, and each is the median over rounds, so a slow spell of the
+    machine lands on all of them; `ratio` holds the medians over rounds of each k's time over k = 1's in the same
+    round."""
     from gptedge.runtime import Model
 
     model = Model.load(bundle, provider="cpu", threads=THREADS)
     engine = model.engine
-    out = {}
-    for k in (1, 2, 4, 8):
-        times = []
-        for _ in range(5):
+    ks = (1, 2, 4, 8)
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(rounds):
+        for k in ks:
             cache = engine.new_cache(1, 256)
             engine.forward(cache, np.arange(200, dtype=np.int64)[None, :] % 1000)
             t = time.perf_counter()
             for _ in range(8):
                 engine.forward(cache, np.full((1, k), 7, np.int64), every_position=True)  # as verify steps run
                 cache.lengths -= k - 1  # stay near position 200
-            times.append((time.perf_counter() - t) / 8)
+            times[k].append((time.perf_counter() - t) / 8)
             engine.release(cache)
-        out[f"k={k}"] = 1000 * statistics.median(times)
+    out = {f"k={k}": 1000 * statistics.median(times[k]) for k in ks}
+    out["ratio"] = {f"k={k}": statistics.median(a / b for a, b in zip(times[k], times[1])) for k in ks}
     return out
 
 
@@ -119,37 +127,56 @@ def workloads(per_kind: int | None = None) -> dict[str, list[str]]:
     return {"input-grounded": grounded[:per_kind], "open-ended": open_ended[:per_kind]}
 
 
-def compare(model, draft, sampling: dict, new_tokens: int, per_kind: int | None) -> dict[str, dict]:
-    """Plain decoding against each speculative mode over the workloads, with `sampling`'s settings."""
+def compare(model, draft, sampling: dict, new_tokens: int, per_kind: int | None, rounds: int = ROUNDS) -> dict:
+    """Plain decoding against each speculative mode over the workloads, with `sampling`'s settings.
+
+    Each round runs every prompt once in every mode, one after another, so a slow spell of the machine lands on
+    all modes alike; a mode's speedup is the median over rounds of plain's time over its own. `speedup` counts
+    whole generations (prefill included), `decode_speedup` the decoding alone (after the first token: what
+    speculation changes), from each result's timings.
+    """
     kw = dict(max_new_tokens=new_tokens, stop_token_ids=(), truncate="left", **sampling)  # context 256
-    modes = {"lookup": "lookup", "draft": draft}
+    modes = {"plain": None, "lookup": "lookup", "draft": draft}
     out = {}
     for name, prompts in workloads(per_kind).items():
-        plain_s, tokens = 0.0, 0
-        rows = {mode: dict(seconds=0.0, proposed=0, accepted=0, identical=0) for mode in modes}
-        for prompt in prompts:
-            t = time.perf_counter()
-            plain = model.generate(prompt, **kw)
-            plain_s += time.perf_counter() - t
-            tokens += len(plain.token_ids)
-            for mode, how in modes.items():
-                t = time.perf_counter()
-                fast = model.generate(prompt, speculative=how, **kw)
-                row = rows[mode]
-                row["seconds"] += time.perf_counter() - t
-                row["identical"] += fast.token_ids == plain.token_ids
-                row["proposed"] += fast.timings.proposed
-                row["accepted"] += fast.timings.accepted
-        out[name] = {"prompts": len(prompts), "tokens": tokens, "plain_tokens_per_s": tokens / plain_s}
-        for mode, row in rows.items():
-            out[name][mode] = {"tokens_per_s": tokens / row["seconds"], "speedup": plain_s / row["seconds"],
-                               "proposed": row["proposed"], "accepted": row["accepted"]}
+        totals = {mode: [] for mode in modes}  # per round: (seconds, decode seconds, tokens)
+        counts = {mode: dict(proposed=0, accepted=0, identical=0) for mode in modes}
+        for _ in range(rounds):
+            rows = {mode: [0.0, 0.0, 0] for mode in modes}
+            for prompt in prompts:
+                plain_ids = None
+                for mode, how in modes.items():
+                    t = time.perf_counter()
+                    result = model.generate(prompt, speculative=how, **kw)
+                    row = rows[mode]
+                    row[0] += time.perf_counter() - t
+                    row[1] += result.timings.decode_s
+                    row[2] += len(result.token_ids)
+                    plain_ids = result.token_ids if how is None else plain_ids
+                    counts[mode]["identical"] += result.token_ids == plain_ids
+                    counts[mode]["proposed"] += result.timings.proposed
+                    counts[mode]["accepted"] += result.timings.accepted
+            for mode in modes:
+                totals[mode].append(rows[mode])
+        plain = totals["plain"]
+        tokens = plain[0][2]
+        out[name] = {"prompts": len(prompts), "rounds": rounds, "tokens": tokens,
+                     "plain_tokens_per_s": tokens / statistics.median(r[0] for r in plain),
+                     "plain_decode_tokens_per_s": (tokens - len(prompts)) / statistics.median(r[1] for r in plain)}
+        for mode in ("lookup", "draft"):
+            mine, c = totals[mode], counts[mode]
+            out[name][mode] = {
+                "tokens_per_s": tokens / statistics.median(r[0] for r in mine),
+                "speedup": statistics.median(p[0] / m[0] for p, m in zip(plain, mine)),
+                "decode_speedup": statistics.median(p[1] / m[1] for p, m in zip(plain, mine)),
+                "proposed": c["proposed"] // rounds, "accepted": c["accepted"] // rounds}
             if sampling.get("temperature", 1.0) == 0:
-                out[name][mode]["identical_outputs"] = f"{row['identical']}/{len(prompts)}"
+                out[name][mode]["identical_outputs"] = f"{c['identical']}/{len(prompts) * rounds}"
     return out
 
 
-def trained_rows(model_path: Path, draft_path: Path, new_tokens: int, per_kind: int | None) -> dict:
+def trained_rows(model_path: Path, draft_path: Path, new_tokens: int, per_kind: int | None,
+                 rounds: int = ROUNDS) -> dict:
     from gptedge.runtime import Model
 
     model = Model.load(model_path, provider="cpu")  # the thread count a user gets (runtime default_threads)
@@ -160,8 +187,8 @@ def trained_rows(model_path: Path, draft_path: Path, new_tokens: int, per_kind: 
                     for name, m in (("model", model), ("draft", draft))},
         "step_ms": {"model": step_ms(model), "draft": step_ms(draft)},
         "draft_shape": DRAFT_SHAPE,
-        "greedy": compare(model, draft, dict(temperature=0.0), new_tokens, per_kind),
-        "sampling": {"settings": SAMPLING, **compare(model, draft, SAMPLING, new_tokens, per_kind)},
+        "greedy": compare(model, draft, dict(temperature=0.0), new_tokens, per_kind, rounds),
+        "sampling": {"settings": SAMPLING, **compare(model, draft, SAMPLING, new_tokens, per_kind, rounds)},
     }
 
 
@@ -174,7 +201,7 @@ def main() -> None:
     pin_threads()
     if args.smoke:
         model, draft = trained_bundles(CACHE / "speculative-smoke", "tiny", 3, quantize=False)
-        print(json.dumps(trained_rows(model, draft, 12, 2), indent=1))
+        print(json.dumps(trained_rows(model, draft, 12, 2, rounds=1), indent=1))
         return
     root = CACHE / "gpt2-124m"
     shape_bundle = prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"]

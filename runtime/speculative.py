@@ -6,7 +6,7 @@ cache there), which gives the model's logits after every prefix at once. The `De
 rows one by one, exactly as it would over single steps: each row either confirms its proposal or
 yields a different token, and at the first one that differs the rest are discarded and the cache is
 wound back by length (positions past a row's length are stale and masked), so nothing is copied.
-Two proposers exist: prompt lookup here (`lookup_proposals`: free, good when the output copies the
+Two proposers exist: prompt lookup here (`NgramIndex`: next to free, good when the output copies the
 input), and a small draft model with its own KV cache (gptedge.runtime.draft).
 
 Why the output is exact (every token distributed as plain decoding would draw it):
@@ -28,6 +28,7 @@ the same seed gives a different (equally distributed) text with and without it.
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -40,41 +41,65 @@ from gptedge.runtime.sampling import TokenDistribution
 
 MAX_NGRAM = 4  # longest suffix looked up; longer matches are rarer and rarely better
 # A verify step of k rows costs more than one row but far less than k (per k: benchmarks/results/speculative.json),
-# so a few accepted proposals pay for it; the length adapts to how many are accepted, up to this.
-MAX_PROPOSALS = 8
+# so a few accepted proposals pay for it; the length adapts to how many are accepted, up to this (a verify step of
+# 1 + MAX_PROPOSALS tokens still runs on the engine's bound buffers: engine.BOUND_STEP_MAX).
+MAX_PROPOSALS = 15
 PAUSE = 16  # plain steps before proposing is tried again after it stopped paying (a draft must catch up then)
 LOOKUP_PAUSE = 4  # ... for prompt lookup, whose retry costs one verify step and no catch-up
 MAX_BACKOFF = 4  # ... at most PAUSE << MAX_BACKOFF steps
 PROBE = 2  # timed runs start with this many plain steps, to measure what a plain token costs
 EMA = 0.3  # weight of the newest measurement in the running averages
-VERIFY_EXTRA = 0.125  # each proposal adds this fraction of a one-token step to a verify step: a little above what
-# k = 8 costs per proposal on the GPT-2-124M shape (benchmarks/results/speculative.json); smaller models pay less
+VERIFY_EXTRA = 0.125  # each proposal adds about this fraction of a one-token step to a verify step: what k = 8 costs
+# per proposal on the GPT-2-124M shape (benchmarks/results/speculative.json, `ratio`)
+
+
+class NgramIndex:
+    """Where every n-gram (n <= max_ngram) of a growing token sequence starts: prompt lookup in O(1) a token.
+
+    A generation's tokens only ever grow (rejected proposals never enter it), so each new token adds its
+    max_ngram n-grams to the index and a lookup is a few dictionary reads and bisections, where scanning the
+    history again costs about a small model's decode step on every proposal.
+    """
+
+    def __init__(self, max_ngram: int = MAX_NGRAM) -> None:
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self._starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its start positions, ascending
+
+    def extend(self, tokens: Sequence[int]) -> NgramIndex:
+        for token in tokens:
+            self.tokens.append(int(token))
+            end = len(self.tokens)
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self._starts.setdefault(tuple(self.tokens[end - n:end]), []).append(end - n)
+        return self
+
+    def propose(self, k: int, window: int = 4096) -> list[int]:
+        """Up to `k` tokens that followed an earlier occurrence of the longest n-gram ending the sequence.
+
+        Of the earlier occurrences (within the last `window` tokens), the most recent one with `k` tokens after
+        it wins (in a repeated run the most recent match sits one token back and has only one to offer), else
+        the earliest, which has the most.
+        """
+        L = len(self.tokens)
+        lo = max(0, L - window)
+        if k < 1 or L - lo < 2:
+            return []
+        for n in range(min(self.max_ngram, L - lo - 1), 0, -1):
+            starts = self._starts[tuple(self.tokens[L - n:])]  # its last start is the suffix itself
+            last = len(starts) - 1
+            first = bisect.bisect_left(starts, lo, 0, last)
+            if first == last:
+                continue
+            full = bisect.bisect_right(starts, L - n - k, first, last) - 1  # the last start with k tokens after it
+            start = starts[full] if full >= first else starts[first]
+            return self.tokens[start + n:start + n + k]
+        return []
 
 
 def lookup_proposals(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, window: int = 4096) -> list[int]:
-    """Up to `k` tokens that followed an earlier occurrence of the longest n-gram ending `history`.
-
-    Of the earlier occurrences, the most recent one with `k` tokens after it wins (in a repeated run the
-    most recent match sits one token back and has only one to offer), else the one with the most.
-    Vectorised over the last `window` tokens, so a lookup costs microseconds, not a decode step.
-    """
-    if k < 1 or len(history) < 2:
-        return []
-    h = np.asarray(history[-window:], np.int64)
-    L = len(h)
-    for n in range(min(max_ngram, L - 1), 0, -1):
-        suffix = h[L - n:]
-        hit = np.ones(L - n, bool)  # hit[i]: h[i:i+n] == suffix, for starts before the suffix itself
-        for t in range(n):
-            hit &= h[t:L - n + t] == suffix[t]
-        starts = np.flatnonzero(hit)
-        if len(starts) == 0:
-            continue
-        follow = np.minimum(L - (starts + n), k)  # how many tokens each occurrence can offer
-        full = starts[follow == k]
-        start = int(full[-1]) if len(full) else int(starts[np.argmax(follow)])
-        return h[start + n:start + n + k].tolist()
-    return []
+    """`NgramIndex.propose` over `history`, built for this one lookup (a generation keeps one index and extends it)."""
+    return NgramIndex(max_ngram).extend(history).propose(k, window)
 
 
 # -- the acceptance rule ---------------------------------------------------------------------------------------
@@ -186,14 +211,21 @@ class Pacer:
 
 
 class LookupProposer:
-    """Prompt lookup (`lookup_proposals`), paced by a `Pacer` (a lookup costs nothing; the verify step does)."""
+    """Prompt lookup over the generation's prompt and output (`NgramIndex`, extended as tokens are committed), paced
+    by a `Pacer` (a lookup costs next to nothing; the verify step does)."""
 
     def __init__(self, pacer: Pacer) -> None:
         self.pacer = pacer
+        self.index = NgramIndex()
 
     def propose(self, seq: Decoding, room: int) -> tuple[list[int], None]:
         k = self.pacer.proposals(room)
-        return (lookup_proposals(seq.prompt_ids + seq.tokens, k) if k else []), None
+        if not k:
+            return [], None
+        known, prompt = len(self.index.tokens), len(seq.prompt_ids)
+        self.index.extend(seq.prompt_ids[known:] if known < prompt else ())
+        self.index.extend(seq.tokens[max(0, known - prompt):])
+        return self.index.propose(k), None
 
     def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
         self.pacer.record(proposed, accepted, committed, seconds)
@@ -203,8 +235,9 @@ class LookupProposer:
 
 
 def adapt_length(k: int, proposed: int, accepted: int, max_proposals: int) -> int:
-    """The next proposal length: one more after a fully accepted run, else what was accepted (at least 1)."""
-    return min(max_proposals, k + 1) if accepted == proposed else max(1, accepted)
+    """The next proposal length: twice as many after a fully accepted run (a copied span is long: reach it in a few
+    steps), else what was accepted (at least 1)."""
+    return min(max_proposals, 2 * k) if accepted == proposed else max(1, accepted)
 
 
 def rewind(cache: KVCache, n: int) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from gptedge.errors import UsageError
 from gptedge.runtime import Model
-from gptedge.runtime.speculative import lookup_proposals
+from gptedge.runtime.engine import BOUND_STEP_MAX
+from gptedge.runtime.speculative import MAX_PROPOSALS, NgramIndex, adapt_length, lookup_proposals
 
 PROMPTS = [
     "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
@@ -28,6 +29,26 @@ def test_lookup_proposes_what_followed_the_longest_recent_match() -> None:
     assert lookup_proposals([4, 4], 3) == [4]
     assert lookup_proposals([7] * 6, 3) == [7, 7] and lookup_proposals([7] * 8, 3) == [7, 7, 7]  # runs: k when there
     assert lookup_proposals([1, 2, 1, 2], 0) == []
+    assert lookup_proposals([3, 1, 2, 9, 9, 9, 1, 2], 2, window=5) == []  # the earlier "1 2" is outside the window
+    assert lookup_proposals([3, 1, 2, 9, 9, 9, 1, 2], 2, window=8) == [9, 9]
+
+
+def test_an_index_extended_token_by_token_proposes_what_a_fresh_one_does() -> None:
+    """A generation extends one index as tokens are committed; a lookup over the same history built at once agrees."""
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(0, 4, 400).tolist()
+    index = NgramIndex()
+    for i, token in enumerate(tokens):
+        index.extend([token])
+        for k in (1, 3, 8):
+            assert index.propose(k) == lookup_proposals(tokens[: i + 1], k), (i, k)
+
+
+def test_proposal_lengths_double_up_to_what_a_bound_step_holds() -> None:
+    assert [adapt_length(k, k, k, MAX_PROPOSALS) for k in (2, 4, 8)] == [4, 8, min(16, MAX_PROPOSALS)]
+    assert adapt_length(8, 8, 3, MAX_PROPOSALS) == 3 and adapt_length(8, 8, 0, MAX_PROPOSALS) == 1
+    assert MAX_PROPOSALS + 1 <= BOUND_STEP_MAX  # the pending token and every proposal in one bound verify step
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -280,7 +280,7 @@ def test_pacer_falls_back_to_plain_steps_while_proposing_does_not_pay() -> None:
     pacer = Pacer(cost=0.1, timed=False)
     assert pacer.proposals(room=5) == 2
     pacer.record(proposed=2, accepted=2, committed=3, seconds=1.0)
-    assert pacer.proposals(room=5) == 3 and pacer.proposals(room=1) == 1  # grows, capped by the budget
+    assert pacer.proposals(room=5) == 4 and pacer.proposals(room=1) == 1  # doubles, capped by the budget
     for _ in range(3):
         pacer.record(proposed=3, accepted=0, committed=1, seconds=1.0)
     assert pacer.proposals(room=5) == 0  # accepted too rarely to pay for the draft and the verify step
@@ -299,8 +299,8 @@ def test_pacer_falls_back_to_plain_steps_while_proposing_does_not_pay() -> None:
     timed.record(0, 0, 1, 0.010)
     timed.record(0, 0, 1, 0.010)
     timed.record(2, 2, 3, 0.020)  # 6.7 ms a token against 10: pays
-    assert timed.proposals(room=5) == 3
-    timed.record(3, 1, 2, 0.060)  # 30 ms a token: stop
+    assert timed.proposals(room=5) == 4
+    timed.record(4, 1, 2, 0.060)  # 30 ms a token: stop
     assert timed.proposals(room=5) == 0
     assert Pacer(cost=1.0, timed=False, fallback=False).proposals(room=5) == 2
 
