@@ -36,12 +36,13 @@ class BoundStep:
     """The inputs of one step shape (S new tokens per row, logits at K positions), bound once and written in place.
 
     `arrays` are host buffers `values` wrap without a copy; `offsets` is arange(S), each new token's place after
-    the row's stored length.
+    the row's stored length; `logits` is shared with the general path's steps of the same (B, K).
     """
 
     arrays: dict[str, np.ndarray]
     values: dict[str, ort.OrtValue]
     offsets: np.ndarray
+    logits: tuple[np.ndarray, ort.OrtValue]  # the cache's logits buffer for (B, K), bound as the output
 
 
 @dataclass
@@ -194,14 +195,12 @@ class Engine:
         B, S = input_ids.shape
         if B != cache.batch:
             raise UsageError(f"input batch {B} does not match the cache's batch {cache.batch}")
+        if every_position and logits_index is not None:
+            raise UsageError("pass logits_index or every_position, not both")
+        if lengths is None and logits_index is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
+            return self._bound_step(cache, input_ids, S if every_position else 1)
         if every_position:
-            if logits_index is not None:
-                raise UsageError("pass logits_index or every_position, not both")
-            if lengths is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
-                return self._bound_step(cache, input_ids, S)
             logits_index = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S))
-        elif lengths is None and logits_index is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
-            return self._bound_step(cache, input_ids, 1)
         lengths = np.full(B, S, np.int64) if lengths is None else np.asarray(lengths, np.int64)
         if lengths.min() < 1 or lengths.max() > S:
             raise UsageError("each row needs between 1 and S new tokens")
@@ -266,12 +265,13 @@ class Engine:
             template = self.step_inputs(cache, input_ids, np.full(B, S, np.int64), np.ascontiguousarray(index))
             arrays = {name: np.array(value) for name, value in template.items()}
             values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-            step = cache.bound[key] = BoundStep(arrays, values, np.arange(S, dtype=np.int64))
+            step = cache.bound[key] = BoundStep(arrays, values, np.arange(S, dtype=np.int64),
+                                                self._logits_buffer(cache, B, k))
         binding, io, lengths = cache.binding, self.io, cache.lengths
         if cache.bound_key != key:
             for name, value in step.values.items():
                 binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(io.logits, self._logits_buffer(cache, B, k)[1])
+            binding.bind_ortvalue_output(io.logits, step.logits[1])
             cache.bound_key = key
         arrays = step.arrays
         arrays[io.input_ids][...] = input_ids
@@ -281,7 +281,7 @@ class Engine:
         arrays[io.total_sequence_length][...] = end  # logits_index stays as the template set it
         self._run(lambda: self.session.run_with_iobinding(binding))
         lengths += S
-        array = self._logits_buffer(cache, B, k)[0]
+        array = step.logits[0]
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
     def prefill_feed(self, ids: np.ndarray) -> dict[str, np.ndarray]:
