@@ -212,6 +212,7 @@ def model_details(config) -> dict[str, Any]:
         scaling = dict(config.rope_scaling or {})
         scaling.pop("long_factor", None)  # lists of D/2 numbers: kept in the checkpoint, not worth a screen
         scaling.pop("short_factor", None)
+        scaling.pop("factors", None)
         out["rope_scaling"] = scaling or None
     if config.sliding_window:
         out["sliding_window"] = config.sliding_window
@@ -252,7 +253,7 @@ def export_bundle(
     (unwritable output); in every case nothing is written.
     """
     from gptedge.atomic import atomic_output_dir
-    from gptedge.export.graph import OPSET, export_graph, io_spec
+    from gptedge.export.graph import OPSET, attention_kernel, export_graph, io_spec
     from gptedge.export.verify import verify
     from gptedge.quantize.genai import add_genai
 
@@ -275,6 +276,8 @@ def export_bundle(
         kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
         special_tokens=src.special_tokens, generation_defaults=src.generation_defaults, chat_template=src.chat_template,
     )
+    kernel = attention_kernel(kv, config, target)
+    log.note(f"attention: {kernel}")
     with atomic_output_dir(out_dir, force=force) as tmp:
         model = export_model(src.model, context, dtype)
         with log.stage("trace", f"tracing the graph (dynamo, opset {OPSET}, kv={kv}, {dtype}) and saving it"):
@@ -298,6 +301,7 @@ def export_bundle(
                 "tools": _versions(),
                 "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "opset": OPSET,
+                "attention_kernel": kernel,
                 "graph_nodes": stats.nodes,
                 "graph_op_types": stats.op_types,
                 "export_seconds": round(time.perf_counter() - started, 3),

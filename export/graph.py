@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
 from gptedge.runtime.traits import TRAITS
-from gptedge.train.model import GPT, fused_kernels
+from gptedge.train.model import GPT, fused_kernels, rotate
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -52,15 +52,22 @@ def io_spec(kv: str) -> IOSpec:
 class GroupQueryKernel:
     """Attention as `com.microsoft::GroupQueryAttention` over one fixed-capacity buffer per layer.
 
-    Grouped KV heads go to the op as they are (kv_num_heads); rotary models hand it the cos/sin tables
-    (do_rotary), so the rotation happens inside the kernel at the positions it derives from seqlens_k.
+    Grouped KV heads go to the op as they are (kv_num_heads). Rotary models hand it the cos/sin tables
+    (do_rotary) when the provider's kernel rotates heads of this size (runtime/traits.py), so the rotation
+    happens inside the kernel at the positions it derives from seqlens_k; otherwise q and k are rotated here,
+    at `position_ids`, before the kernel (the same arithmetic as the PyTorch reference).
     """
 
     def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor,
-                 total: torch.Tensor) -> None:
+                 total: torch.Tensor, position_ids: torch.Tensor, rotary_in_kernel: bool) -> None:
         c = model.config
         self.past, self.seqlens_k, self.total = past, seqlens_k, total
-        self.rope = [model.rope_cos, model.rope_sin] if c.positions == "rope" else []
+        rope = c.positions == "rope"
+        self.rope = [model.rope_cos, model.rope_sin] if rope and rotary_in_kernel else []
+        self.cos = self.sin = None
+        if rope and not rotary_in_kernel:
+            self.cos = F.embedding(position_ids, model.rope_cos).unsqueeze(2)  # [B, S, 1, D/2]: a Gather
+            self.sin = F.embedding(position_ids, model.rope_sin).unsqueeze(2)
         self.attrs = dict(num_heads=c.n_head, kv_num_heads=c.n_kv_head, scale=1.0 / c.head_dim**0.5)
         if self.rope:
             self.attrs.update(do_rotary=1, rotary_interleaved=0)
@@ -68,9 +75,15 @@ class GroupQueryKernel:
 
     def __call__(self, layer: int, qkv: torch.Tensor, attn) -> torch.Tensor:
         past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
-        # Packed q, k, v go in as they are (no Split node) unless per-head norms must run on q and k first.
-        q, k, v = (qkv, None, None) if attn.q_norm is None else attn.split(qkv)
         B, S, _ = qkv.shape
+        if self.cos is not None:  # rotary outside the kernel: q and k rotated per head here
+            q, k, v = attn.split(qkv)
+            q = rotate(q.view(B, S, attn.n_head, attn.head_dim), self.cos, self.sin).reshape(B, S, -1)
+            k = rotate(k.view(B, S, attn.n_kv_head, attn.head_dim), self.cos, self.sin).reshape(B, S, -1)
+        elif attn.q_norm is None:  # packed q, k, v go in as they are (no Split node)
+            q, k, v = qkv, None, None
+        else:  # per-head norms must run on q and k first
+            q, k, v = attn.split(qkv)
         y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [q, k, v, past_k, past_v, self.seqlens_k, self.total, *self.rope],
@@ -81,6 +94,23 @@ class GroupQueryKernel:
         )
         self.presents += [new_k, new_v]
         return y  # [B, S, H*D]
+
+
+def rotary_in_kernel(config, target: str) -> bool:
+    """Whether the in-place graph lets GroupQueryAttention rotate q and k (the target's kernel takes this head size)."""
+    return config.positions == "rope" and TRAITS[target].rotates_in_kernel(config.head_dim)
+
+
+def attention_kernel(kv: str, config, target: str) -> str:
+    """The attention kernel an export of `config` uses, in words: what the export prints and gptedge.json records."""
+    if kv != "inplace":
+        return "standard ops over a concatenated cache"
+    if config.positions != "rope":
+        return "GroupQueryAttention, in place"
+    if rotary_in_kernel(config, target):
+        return "GroupQueryAttention, in place, rotary inside the kernel"
+    return (f"GroupQueryAttention, in place, rotary in the graph (head size {config.head_dim}: "
+            f"{TRAITS[target].ort_name}'s kernel rotates multiples of {TRAITS[target].rotary_head_multiple} only)")
 
 
 class ConcatKernel:
@@ -132,20 +162,22 @@ def _logits(model: GPT, h: torch.Tensor, logits_index: torch.Tensor) -> torch.Te
 class InplaceGraph(nn.Module):
     """inputs: input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, past_* (see bundle.py)."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, rotary_in_kernel: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.rotary_in_kernel = rotary_in_kernel
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, S] int64
-        position_ids: torch.Tensor,  # [B, S] int64 (rotary models: unused, GroupQueryAttention derives positions)
+        position_ids: torch.Tensor,  # [B, S] int64 (unused when GroupQueryAttention rotates: it derives positions)
         seqlens_k: torch.Tensor,  # [B] int32: tokens in the cache after this call - 1
         total_sequence_length: torch.Tensor,  # [] int32
         logits_index: torch.Tensor,  # [B, K] int64
         *past: torch.Tensor,  # 2 * n_layer of [B, Hkv, capacity, D]
     ) -> tuple[torch.Tensor, ...]:
-        kernel = GroupQueryKernel(self.model, past, seqlens_k, total_sequence_length)
+        kernel = GroupQueryKernel(self.model, past, seqlens_k, total_sequence_length, position_ids,
+                                  self.rotary_in_kernel)
         h = self.model.blocks(self.model.embed(input_ids, position_ids), kernel)
         return (_logits(self.model, h, logits_index), *kernel.presents)
 
@@ -224,7 +256,10 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
     """
     import onnx
 
-    wrapper = (InplaceGraph if kv == "inplace" else ConcatGraph)(model).eval()
+    if kv == "inplace":
+        wrapper = InplaceGraph(model, rotary_in_kernel(model.config, target)).eval()
+    else:
+        wrapper = ConcatGraph(model).eval()
     dtype = next(model.parameters()).dtype
     inputs, outputs = graph_names(kv, model.config.n_layer)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -129,50 +129,58 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig, wmap: WeightMap,
-                       expected: dict[str, tuple[int, ...]], where: Path) -> dict[str, torch.Tensor]:
-    """HF names and layouts -> `GPT.state_dict()` names and layouts (fp32), following `wmap`.
-
-    `expected` holds our names and shapes. Every HF tensor must be used and every one of ours made.
-    """
-    state = {}
-    for name, tensor in hf_state.items():
-        if name.endswith(wmap.ignored):
-            continue
-        state[name.removeprefix(wmap.base) if name != "lm_head.weight" else name] = tensor
+def weight_sources(config: GPTConfig, wmap: WeightMap, expected: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Each of our weight names -> the source tensors (names after `wmap.base` is removed) concatenated into it."""
     sources: dict[str, tuple[str, ...]] = {k: (v,) for k, v in wmap.globals.items()}
-    sources["lm_head.weight"] = ("lm_head.weight",)
+    sources["lm_head.weight"] = (wmap.head,)
     for i in range(config.n_layer):
         for ours, theirs in wmap.per_layer.items():
             sources[f"transformer.h.{i}.{ours}"] = tuple(wmap.layer.format(i=i) + t for t in theirs)
+    return {key: sources.get(key, ()) for key in expected}
+
+
+def convert_state_dict(available: Collection[str], load: Callable[[str], torch.Tensor], config: GPTConfig,
+                       wmap: WeightMap, expected: dict[str, tuple[int, ...]], where: Path,
+                       described_by: str = "config.json") -> dict[str, torch.Tensor]:
+    """Source names and layouts -> `GPT.state_dict()` names and layouts (fp32), following `wmap`.
+
+    `available` names the source tensors (after `wmap.base` is removed) and `load` reads one, so a source
+    can be read one tensor at a time (a GGUF file is dequantized tensor by tensor, never held twice).
+    `expected` holds our names and shapes. Every source tensor must be used and every one of ours made.
+    """
+    available = {n for n in available if not n.endswith(wmap.ignored)}
+    embedding = wmap.globals["transformer.wte.weight"]
+    aliases = {}
+    if config.tie_embeddings and embedding not in available and wmap.head in available:
+        aliases[embedding] = wmap.head  # some converters store a tied matrix under the head's name only
+    present = available | set(aliases)
+    sources = weight_sources(config, wmap, expected)
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
-    for key in expected:
-        names = sources.get(key, ())
-        if not names or any(n not in state for n in names):
-            missing += [n for n in names if n not in state] or [key]
+    for key, names in sources.items():
+        if not names or any(n not in present for n in names):
+            missing += [n for n in names if n not in present] or [key]
             continue
-        parts = [state[n].to(torch.float32) for n in names]
+        parts = [load(aliases.get(n, n)).to(torch.float32) for n in names]
         tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if key.endswith(wmap.transposed):
             tensor = tensor.t()
         out[key] = tensor.contiguous()
-    used = {n for key in expected for n in sources.get(key, ())}
-    head = state.get("lm_head.weight")
-    extra = sorted(set(state) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    used = {n for names in sources.values() for n in names}
+    extra = sorted(available - used - ({wmap.head} if config.tie_embeddings else set()))
     wrong = sorted(k for k in out if tuple(out[k].shape) != expected[k])
     if missing or extra or wrong:
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", extra),
                                 ("wrong shape",
-                                 [f"{k} {tuple(out[k].shape)} (config.json implies {expected[k]})" for k in wrong]))
+                                 [f"{k} {tuple(out[k].shape)} ({described_by} implies {expected[k]})" for k in wrong]))
             if keys
         )
-        raise CheckpointError(f"{where}: the weights do not match config.json ({detail}); the folder is damaged, or "
-                              "its config.json belongs to another model")
-    if (config.tie_embeddings and head is not None
-            and not torch.equal(head.to(torch.float32), out["transformer.wte.weight"])):
+        raise CheckpointError(f"{where}: the weights do not match {described_by} ({detail}); the file is damaged, or "
+                              f"its {described_by} belongs to another model")
+    if (config.tie_embeddings and wmap.head in available and embedding not in aliases
+            and not torch.equal(load(wmap.head).to(torch.float32), out["transformer.wte.weight"])):
         raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the token "
                               "embedding; set tie_word_embeddings to false in config.json "
                               "if the head is its own matrix")
@@ -290,9 +298,11 @@ def load_hf(folder: str | Path) -> HFSource:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(_load_file(f))
+    wmap = fam.weights
+    state = {name.removeprefix(wmap.base) if name != wmap.head else name: tensor for name, tensor in state.items()}
     with torch.device("meta"):  # no random init of weights that are about to be replaced (seconds for 100M+ models)
         model = GPT(config)
-    weights = convert_state_dict(state, config, fam.weights, model.weight_shapes(), folder)
+    weights = convert_state_dict(state.keys(), state.__getitem__, config, wmap, model.weight_shapes(), folder)
     model.load_state_dict(weights, strict=not config.tie_embeddings, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's parameter: tie the head again

@@ -39,6 +39,7 @@ class WeightMap:
     per_layer: dict[str, tuple[str, ...]]  # our suffix after transformer.h.{i}. -> HF suffixes, concatenated on dim 0
     transposed: tuple[str, ...] = ()  # our suffixes stored [in, out] on the HF side (GPT-2's Conv1D)
     ignored: tuple[str, ...] = ()  # HF tensor-name endings that are buffers, not weights
+    head: str = "lm_head.weight"  # the untied LM head's name (never under `base`)
 
 
 GPT2_WEIGHTS = WeightMap(

@@ -61,14 +61,15 @@ def attention_nodes(model: onnx.ModelProto, spec: BundleSpec) -> list[onnx.NodeP
     return [by_past[name] for name in past]
 
 
-def rotary_half(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
-    """Half the rotary width of a node that rotates keys inside the kernel (0 when it does not).
+def rotary_half(model: onnx.ModelProto, node: onnx.NodeProto, spec: BundleSpec) -> int:
+    """Half the rotary width of the keys a node stores (0 for models without rotary positions).
 
-    The cos table GroupQueryAttention reads is [positions, rotary_dim / 2]; non-interleaved rotation pairs
-    channel i with channel i + rotary_dim / 2 of each head.
+    Non-interleaved rotation pairs channel i with channel i + rotary_dim / 2 of each head. A node that
+    rotates inside the kernel reads a cos table [positions, rotary_dim / 2]; a model whose head size the
+    kernel cannot rotate is rotated in the graph before it, over whole heads (gptedge.export.graph).
     """
     if not attr(node, "do_rotary", 0):
-        return 0
+        return spec.architecture.head_dim // 2 if spec.architecture.details.get("positions") == "rope" else 0
     if attr(node, "rotary_interleaved", 0):
         raise QuantizeError("an int8 KV cache with interleaved rotary embeddings is not supported")
     name = node.input[ROTARY_COS_INPUT]
@@ -146,7 +147,7 @@ def quantize_kv_cache(model_path: Path, spec: BundleSpec, windows: list[np.ndarr
     Only model.onnx is rewritten; its external weight file stays as it is. Returns what gptedge.json records.
     """
     model = onnx.load(str(model_path), load_external_data=False)
-    halves = [rotary_half(model, node) for node in attention_nodes(model, spec)]
+    halves = [rotary_half(model, node, spec) for node in attention_nodes(model, spec)]
     scales = calibrate(engine, windows, halves, on_window)
     apply_int8_cache(model, spec, scales)
     onnx.save(model, str(model_path))

@@ -36,6 +36,15 @@ class ProviderTraits:
     gather_block_quantized: bool = True  # a GatherBlockQuantized kernel for the quantized embedding
     preload_nvidia_libraries: bool = False  # let onnxruntime find CUDA / cuDNN from pip's nvidia-* packages first
     fused_gelu: bool = False  # com.microsoft FastGelu / Gelu kernels exist (not in DirectML's registration table)
+    # GroupQueryAttention rotates q and k itself (do_rotary) only for head sizes that are a multiple of this: the CPU
+    # kernel refuses others ("head_size shall be a multiple of 16", tests/test_head_sizes.py). Other rotary models
+    # are rotated in the graph before the kernel, which is exact everywhere; CUDA's and DirectML's kernels are not
+    # measured here, so they get the same rule.
+    rotary_head_multiple: int = 16
+
+    def rotates_in_kernel(self, head_dim: int) -> bool:
+        """Whether this provider's GroupQueryAttention can apply the rotary embedding to heads of `head_dim`."""
+        return head_dim % self.rotary_head_multiple == 0
 
     @property
     def host_kv(self) -> bool:

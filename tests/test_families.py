@@ -177,6 +177,37 @@ def test_bad_weights_are_refused_and_nothing_written(edit, message: str, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def _rename_embedding_to_head(state: dict) -> None:
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+
+
+def _add_a_different_head(state: dict) -> None:
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 0.5
+
+
+@pytest.mark.parametrize("edit", [None, _rename_embedding_to_head], ids=["embedding name", "head name"])
+def test_a_tied_matrix_stored_under_either_name_exports(edit, tmp_path: Path) -> None:
+    """Tied checkpoints store the one matrix as the embedding (transformers) or as the head (some converters)."""
+    folder = save_family(tmp_path / "m", "llama")
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder).eval()  # read before the rename
+    if edit is not None:
+        _edit_weights(folder, edit)
+    bundle = export_bundle(folder, tmp_path / "b", progress=False)
+    prompt = [5, 9, 14, 3]
+    tokens, rows = right_padded_greedy(bundle, [prompt], 8)
+    with torch.no_grad():
+        theirs = reference(torch.tensor([prompt + tokens[0]])).logits[0].numpy()
+    assert np.abs(rows[0] - theirs).max() <= 1e-4
+
+
+def test_a_tied_config_with_two_different_matrices_is_refused(tmp_path: Path) -> None:
+    folder = save_family(tmp_path / "m", "llama")
+    _edit_weights(folder, _add_a_different_head)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings is true but lm_head.weight differs"):
+        export_bundle(folder, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_head_dim_that_disagrees_with_weights_is_refused(tmp_path: Path) -> None:
     folder = save_family(tmp_path / "m", "qwen3")
     config = json.loads((folder / "config.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -54,6 +55,10 @@ CASES = [
      400, None, "response_format"),
     ("stream not a bool", "/v1/completions", {**OK, "stream": "yes"}, 400, None, "stream"),
     ("file path as model", "/v1/completions", {**OK, "model": "../../etc/passwd"}, 404, "model_not_found", "model"),
+    # Nested past the JSON parser's recursion limit, and past gptedge's own bound but within the parser's.
+    ("nested 5000 deep", "/v1/chat/completions", b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "too_deep", None),
+    ("nested 65 deep", "/v1/chat/completions",
+     {**CHAT, "metadata": json.loads('{"a":' * 64 + "1" + "}" * 64)}, 400, "too_deep", None),
 ]
 
 

@@ -20,6 +20,9 @@ MAX_CHOICES = 8  # n
 MAX_PROMPTS = 16  # a completions request may hold a list of prompts
 MAX_STOPS = 16
 MAX_LOGPROBS = {"completion": 5, "chat": 20}
+# Arrays and objects a request body may nest: an OpenAI body with a JSON schema in it needs a dozen or two.
+# Deeper bodies are refused before anything walks them (the JSON parser and schema compilers recurse).
+MAX_JSON_DEPTH = 64
 DEFAULT_MAX_TOKENS = {"completion": 16}  # OpenAI's default; chat runs until the end of the context
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 # request field -> SamplingParams field; numbers are checked by SamplingParams, types here
@@ -85,6 +88,23 @@ class Plan:
 
 
 # -- reading a body --------------------------------------------------------------------------------------
+def too_deep() -> ApiError:
+    return bad(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+               "flatten it", code="too_deep")
+
+
+def check_depth(body: Any) -> Any:
+    """`body` itself, or a 400 when it nests deeper than MAX_JSON_DEPTH (walked without recursion)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise too_deep()
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return body
+
+
 def _get(body: dict, name: str, types: tuple, default: Any = None, what: str = "") -> Any:
     value = body.get(name, default)
     if value is None:

@@ -147,7 +147,9 @@ async def _read_json(request: Request, limit: int, timeout: float) -> Any:
         raise api.ApiError(408, f"the request body did not arrive within {timeout:g} s",
                            code="request_timeout") from None
     try:
-        return json.loads(raw)
+        return api.check_depth(json.loads(raw))
+    except RecursionError:  # nested past the parser's own limit: certainly past ours
+        raise api.too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise api.bad(f"the request body is not valid JSON ({exc})") from None
 
