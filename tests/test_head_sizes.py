@@ -29,9 +29,11 @@ from gptedge.runtime.bundle import read_spec  # noqa: E402
 from gptedge.runtime.engine import Engine  # noqa: E402
 from gptedge.runtime.evaluate import greedy_decode  # noqa: E402
 from gptedge.runtime.traits import TRAITS  # noqa: E402
-from test_families import save_family  # noqa: E402
+from test_families import FAMILIES, save_family  # noqa: E402
 
 HEAD_SIZES = [8, 24, 40, 64, 80, 96, 128]
+# Llama at every size; Qwen3 (per-head q/k norms before the rotation) at the size its kernel cannot rotate.
+CASES = [("llama", d) for d in HEAD_SIZES] + [("qwen3", 8)]
 STEPS = 16
 PROMPTS = ["def add(a, b):\n    return", "hello", "for i in range(10):"]
 
@@ -49,9 +51,9 @@ def _int8_cache_copy(bundle: Path, dest: Path, windows: list[list[int]]):
     return replace(spec, kv_cache=replace(spec.kv_cache, dtype="int8", quantization=record))
 
 
-@pytest.mark.parametrize("head_dim", HEAD_SIZES)
-def test_head_size_exports_and_decodes_like_transformers(tmp_path: Path, head_dim: int) -> None:
-    folder = save_family(tmp_path / "hf", "llama", seed=head_dim, num_hidden_layers=2, hidden_size=96,
+@pytest.mark.parametrize("family, head_dim", CASES, ids=[f"{f}-{d}" for f, d in CASES])
+def test_head_size_exports_and_decodes_like_transformers(tmp_path: Path, family: str, head_dim: int) -> None:
+    folder = save_family(tmp_path / "hf", family, seed=head_dim, num_hidden_layers=2, hidden_size=96,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, intermediate_size=96,
                          rope_scaling=None)
     bundle = export_bundle(folder, tmp_path / "bundle", progress=False)
@@ -65,7 +67,7 @@ def test_head_size_exports_and_decodes_like_transformers(tmp_path: Path, head_di
     assert rotary == ({1} if fused else set())  # the kernel rotates exactly where the traits say it can
     assert ("inside the kernel" in spec.provenance["attention_kernel"]) == fused
 
-    reference = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    reference = getattr(transformers, FAMILIES[family][1]).from_pretrained(folder).eval()
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     prompts = [tok.encode(p).ids for p in PROMPTS]
     tokens, rows = _greedy(bundle, spec, prompts)
