@@ -25,7 +25,7 @@ from gptedge.text import configure_streams
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gptedge.train.cli", "train or fine-tune a GPT (default data: the Python standard library's source)"),
     "export": ("gptedge.export.cli",
-               "export a gptedge checkpoint or a local Hugging Face GPT-2 folder to a verified bundle"),
+               "export a gptedge checkpoint, a local Hugging Face folder or a GGUF file to a verified bundle"),
     "quantize": ("gptedge.quantize.cli", "quantize a bundle to INT8/INT4, gated by a measured quality check"),
     "generate": ("gptedge.runtime.cli", "generate text from a prompt, streamed to the terminal"),
     "chat": ("gptedge.runtime.cli", "multi-turn chat with history truncated to the context"),
@@ -46,6 +46,7 @@ EXTRAS: dict[str, str] = {
     "onnx_ir": "pip install 'gptedge[quantize]'",
     "onnxscript": "pip install 'gptedge[export]'",
     "safetensors": "pip install 'gptedge[export]'",
+    "gguf": "pip install 'gptedge[export]'",
     "tqdm": "pip install 'gptedge[all]'",
     "jinja2": "pip install 'gptedge[chat]'",
     "starlette": "pip install 'gptedge[serve]'",

@@ -1,4 +1,4 @@
-"""`gptedge export SOURCE OUT_DIR`: checkpoint or local Hugging Face model folder -> verified bundle.
+"""`gptedge export SOURCE OUT_DIR`: checkpoint, local Hugging Face model folder or GGUF file -> verified bundle.
 
 Imports stay light here (argparse, pathlib); torch and onnx load inside `run`.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("source", type=Path, metavar="SOURCE",
-                        help="a gptedge checkpoint folder, or a local Hugging Face model folder "
-                             "(model_type gpt2, llama, mistral, qwen2, qwen3 or phi3) "
-                             "(config.json + model.safetensors or pytorch_model.bin + tokenizer files); "
+                        help="a gptedge checkpoint folder, a local Hugging Face model folder "
+                             "(model_type gpt2, llama, mistral, qwen2, qwen3 or phi3: config.json + weights + "
+                             "tokenizer files), or a GGUF file (architectures llama, qwen2, qwen3, phi3, gpt2); "
                              "nothing is downloaded")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",
                         help="bundle folder to write (model.onnx, model.onnx.data, tokenizer.json, gptedge.json)")
@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--genai", action="store_true",
                         help="also write genai_model.onnx + genai_config.json so onnxruntime-genai (C#, C++, Java, "
                              "Python) runs the bundle; the weights are shared, not copied")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="GGUF sources: write the float (dequantized) model instead of keeping the file's "
+                             "Q8_0 / Q4_0 / Q4_1 blocks")
+    parser.add_argument("--eval-text", nargs="+", default=None, metavar="TEXT",
+                        help="GGUF sources: held-out text (files, folders, globs) the kept bundle's perplexity is "
+                             "checked on against the dequantized model (default: built-in English prose)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -40,7 +46,8 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     out = export_bundle(
         args.source, args.out_dir, target=args.target, dtype=args.dtype, max_context=args.max_context,
-        kv=args.kv, genai=args.genai, force=args.force, progress=not args.quiet,
+        kv=args.kv, genai=args.genai, dequantize=args.dequantize, eval_text=args.eval_text, force=args.force,
+        progress=not args.quiet,
     )
     print(out)
     return 0

@@ -21,11 +21,12 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from gptedge.errors import CheckpointError, UsageError
+from gptedge.export.source import Source
 from gptedge.runtime.bundle import (
     DTYPES,
     KV_UPDATES,
@@ -42,20 +43,6 @@ from gptedge.runtime.chat import DEFAULT_TEMPLATE
 from gptedge.runtime.traits import TRAITS
 
 EOT = "<|endoftext|>"
-
-
-@dataclass
-class Source:
-    kind: str  # "gptedge-checkpoint" or "huggingface-<model_type>"
-    path: Path
-    model: Any  # gptedge.train.model.GPT, fp32, eval
-    tokenizer: Any  # tokenizers.Tokenizer
-    tokenizer_file: Path | None  # copied verbatim when present
-    special_tokens: dict[str, Any] = field(default_factory=dict)
-    generation_defaults: dict[str, Any] = field(default_factory=dict)
-    weight_files: list[Path] = field(default_factory=list)
-    family: str = "gpt2"  # a name for people ("gpt2", "llama", "qwen3", ...); the model's config says what it computes
-    chat_template: str | None = None  # Jinja text from the source's tokenizer files, carried into the bundle
 
 
 class Progress:
@@ -101,17 +88,21 @@ def family_name(config) -> str:
 
 
 def load_source(path: str | Path) -> Source:
-    """Load a gptedge checkpoint or a local Hugging Face model folder; CheckpointError for anything else."""
-    from gptedge.export import hf
+    """Load a gptedge checkpoint, a local Hugging Face model folder or a GGUF file; CheckpointError for anything
+    else."""
+    from gptedge.export import gguf, hf
     from gptedge.train import checkpoint
     from gptedge.train.tokenizer import load_tokenizer
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder or a local Hugging Face model "
-                              "folder (gpt2, llama, mistral, qwen2, qwen3, phi3)")
+        raise CheckpointError(f"{path} does not exist; pass a gptedge checkpoint folder, a local Hugging Face model "
+                              "folder (gpt2, llama, mistral, qwen2, qwen3, phi3) or a GGUF file")
+    if gguf.is_gguf(path):
+        return gguf.load_gguf(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+        raise CheckpointError(f"{path} is a file but not a GGUF model; pass a GGUF file, or the folder that holds "
+                              "config.json and the weights")
     if checkpoint.is_checkpoint(path):
         model, _ = checkpoint.load_checkpoint(path)
         tok = load_tokenizer(path / checkpoint.TOKENIZER)
@@ -121,17 +112,11 @@ def load_source(path: str | Path) -> Source:
             weight_files=[path / checkpoint.WEIGHTS], family=family_name(model.config), chat_template=DEFAULT_TEMPLATE,
         )
     if hf.is_hf_folder(path):
-        src = hf.load_hf(path)
-        return Source(
-            kind=f"huggingface-{src.model_type}", path=path.resolve(), model=src.model, tokenizer=src.tokenizer,
-            tokenizer_file=src.tokenizer_file, special_tokens=src.special_tokens,
-            generation_defaults=src.generation_defaults, weight_files=src.weight_files, family=src.model_type,
-            chat_template=src.chat_template,
-        )
+        return hf.load_hf(path)
     raise CheckpointError(
         f"{path} is neither a gptedge checkpoint (config.json with \"format\": \"gptedge-checkpoint\" + "
         "model.safetensors) nor a Hugging Face model folder (config.json with model_type + weights); "
-        "pass one of those"
+        "pass one of those, or a GGUF file"
     )
 
 
@@ -219,6 +204,16 @@ def model_details(config) -> dict[str, Any]:
     return out
 
 
+def _final_stats(path: Path, traced):
+    """The node counts of the graph as written (a kept-blocks graph has more nodes than the traced one)."""
+    import onnx
+
+    from gptedge.export.graph import GraphStats, op_counts
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return GraphStats(traced.seconds, len(proto.graph.node), op_counts(proto))
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -239,6 +234,8 @@ def export_bundle(
     max_context: int | None = None,
     kv: str = "inplace",
     genai: bool = False,
+    dequantize: bool = False,
+    eval_text: Any = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -249,6 +246,9 @@ def export_bundle(
     kv: "inplace" (GroupQueryAttention, shared KV buffer; default) or "concat" (standard ops only).
     genai: also write the graph and config onnxruntime-genai runs (gptedge.quantize.genai), checked against
     model.onnx; in-place bundles only.
+    dequantize: a quantized source (GGUF) is written as its float model instead of keeping its blocks.
+    eval_text: held-out text for a quantized source's gate (files, folders, globs or text; default: built-in
+    English prose, gptedge.quantize.texts.builtin_text).
     Raises UsageError, CheckpointError, OutputExistsError, ExportError (verification) or GptEdgeError
     (unwritable output); in every case nothing is written.
     """
@@ -290,12 +290,20 @@ def export_bundle(
         with log.stage("verify", "verifying against PyTorch in ONNX Runtime (batch 2, prefill + decode)"):
             ids = src.tokenizer.encode("def main():\n    print('hello, world')\n").ids
             spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
+        if src.stored is not None and src.stored.quantized and not dequantize:
+            from gptedge.export.stored import keep_stored_quantization
+
+            with log.stage("keep", "keeping the file's quantized blocks, checked against the dequantized model"):
+                spec.quantization, summary = keep_stored_quantization(tmp, spec, src, ids, eval_text=eval_text)
+            log.note(summary)
+            stats = _final_stats(tmp / MODEL_NAME, stats)
         if genai:
             with log.stage("genai", "writing the onnxruntime-genai graph and config, checked against model.onnx"):
                 add_genai(tmp, spec, ids)
         with log.stage("checksum", "writing gptedge.json (sha256 of every file)"):
             spec.provenance = {
                 "source": str(src.path),
+                **({"source_types": src.stored.types()} if src.stored is not None else {}),
                 "source_kind": src.kind,
                 "source_sha256": {f.name: sha256_file(f) for f in src.weight_files},
                 "tools": _versions(),

@@ -11,7 +11,6 @@ onto `GPT`, is the data in `gptedge.export.hf_families`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
@@ -20,23 +19,12 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from gptedge.errors import CheckpointError
 from gptedge.export.hf_families import FAMILIES, HFFamily, WeightMap, supported
+from gptedge.export.source import Source
 from gptedge.train.model import GPT, GPTConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
-
-
-@dataclass
-class HFSource:
-    model: GPT  # fp32, eval mode
-    tokenizer: Tokenizer
-    tokenizer_file: Path | None  # the folder's tokenizer.json, copied verbatim; None when converted
-    special_tokens: dict[str, Any]
-    generation_defaults: dict[str, Any]
-    weight_files: list[Path] = field(default_factory=list)
-    model_type: str = "gpt2"
-    chat_template: str | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -282,7 +270,7 @@ def generation(folder: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], list[i
     return defaults, stops
 
 
-def load_hf(folder: str | Path) -> HFSource:
+def load_hf(folder: str | Path) -> Source:
     """Read a local transformers folder of a supported model type into our GPT (fp32, eval) with its tokenizer."""
     folder = Path(folder)
     hf = _read_json(folder / "config.json")
@@ -313,7 +301,8 @@ def load_hf(folder: str | Path) -> HFSource:
     stops = [t for t in stops if 0 <= t < config.vocab_size]
     if len(stops) > 1:
         specials["stop_ids"] = stops
-    return HFSource(
-        model=model, tokenizer=tok, tokenizer_file=tok_file, special_tokens=specials,
-        generation_defaults=gen, weight_files=files, model_type=model_type(hf), chat_template=chat_template(folder),
+    return Source(
+        kind=f"huggingface-{model_type(hf)}", path=folder.resolve(), model=model, tokenizer=tok,
+        tokenizer_file=tok_file, special_tokens=specials, generation_defaults=gen, weight_files=files,
+        family=model_type(hf), chat_template=chat_template(folder),
     )

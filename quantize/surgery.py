@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gptedge.errors import QuantizeError
+from gptedge.quantize.ggml_blocks import BlockWeight
 from gptedge.quantize.roles import GraphRoles, attr, initializers
 
 MS_DOMAIN = "com.microsoft"
@@ -43,31 +44,40 @@ def _block_quantize(weight_kn: np.ndarray, bits: int, block_size: int) -> tuple[
 
 
 def quantize_lm_head(model: onnx.ModelProto, roles: GraphRoles, *, bits: int, block_size: int,
-                     accuracy_level: int | None, embedding: str) -> str:
+                     accuracy_level: int | None, embedding: str, stored: BlockWeight | None = None) -> str:
     """Replace the LM head with MatMulNBits; let the tied embedding read the same blocks.
 
     embedding: "gather" (GatherBlockQuantized, a com.microsoft kernel), "dequant" (standard ops: any
     provider) or "float" (keep the float table for the embedding). Returns how the embedding ended up:
-    the float table also stays when the head is untied or C is not a whole number of blocks.
+    the float table also stays when the head is untied, C is not a whole number of blocks, or the blocks
+    carry their own zero points. `stored`: blocks to use as they are (a GGUF file's) instead of rounding.
     """
     graph = model.graph
     inits = initializers(model)
     node = next(n for n in graph.node if n.name == roles.lm_head)
-    w = numpy_helper.to_array(inits[roles.lm_head_weight])
-    w_vc = w if roles.lm_head_vc else w.T  # [V, C]
-    V, C = w_vc.shape
-    packed, scales = _block_quantize(w_vc.T, bits, block_size)  # packed [V, C/block, blob], scales [V, C/block]
+    if stored is None:
+        w = numpy_helper.to_array(inits[roles.lm_head_weight])
+        w_vc = w if roles.lm_head_vc else w.T  # [V, C]
+        packed, scales = _block_quantize(w_vc.T, bits, block_size)  # packed [V, C/block, blob], scales [V, C/block]
+        zero = None
+    else:  # zero-point blocks only: offsets need the block-sum term of gptedge.quantize.kept
+        packed, scales, zero = stored.packed, stored.scales, stored.zero_points()
+        bits, block_size = stored.bits, stored.packed.shape[2] * 8 // stored.bits
+    V, C = packed.shape[0], packed.shape[1] * block_size
     base = roles.lm_head_weight
     q_name, s_name = f"{base}_Q{bits}", f"{base}_scales"
     graph.initializer.extend([numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales, s_name)])
+    inputs = [node.input[0], q_name, s_name]
+    if zero is not None:
+        inputs.append(_const(graph, f"{base}_zero_points", zero))
     attrs = dict(K=C, N=V, bits=bits, block_size=block_size)
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
     out = node.output[0]
     bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
     mm_out = out + "_nobias" if bias else out
-    new_nodes = [helper.make_node("MatMulNBits", [node.input[0], q_name, s_name], [mm_out], name=f"{node.name}_Q{bits}",
-                                  domain=MS_DOMAIN, **attrs)]
+    new_nodes = [helper.make_node("MatMulNBits", inputs, [mm_out], name=f"{node.name}_Q{bits}", domain=MS_DOMAIN,
+                                  **attrs)]
     if bias:
         beta = attr(node, "beta", 1.0)
         if beta != 1.0:
@@ -77,7 +87,7 @@ def quantize_lm_head(model: onnx.ModelProto, roles: GraphRoles, *, bits: int, bl
     _replace_node(graph, node, new_nodes)
 
     shared = "float"
-    if roles.tied and embedding != "float" and C % block_size == 0:
+    if roles.tied and embedding != "float" and C % block_size == 0 and zero is None:
         gather = next(n for n in graph.node if n.name == roles.embedding)
         dtype = inits[roles.lm_head_weight].data_type
         builder = _gather_block_quantized if embedding == "gather" else _dequant_gather

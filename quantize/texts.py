@@ -79,6 +79,15 @@ def read_text(values: TextInput, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, 
     return "\n\n".join(parts), f"{', '.join(what) or 'nothing'}, {total:,} bytes"
 
 
+def builtin_text() -> tuple[str, str]:
+    """English prose every Python has and no model is tuned on: the language reference's help topics
+    (pydoc_data), ~450 KB. The default held-out text where none is given; a model's own domain is better."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return text, f"Python's pydoc help topics (built in, {len(text.encode()):,} bytes)"
+
+
 @dataclass
 class Texts:
     """Token ids the gate scores, the ids calibration reads (None: nothing calibrates), and where they came from."""
@@ -126,4 +135,4 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
     return Texts(held[:max_eval_tokens], cal, note)
 
 
-__all__ = ["read_text", "load_texts", "Texts", "MIN_EVAL_TOKENS"]
+__all__ = ["read_text", "load_texts", "builtin_text", "Texts", "MIN_EVAL_TOKENS"]

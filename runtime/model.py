@@ -191,11 +191,17 @@ class Model:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """A prompt as validated token ids: a non-empty string, or a non-empty list of ids in the vocabulary."""
+        """A prompt as validated token ids: a non-empty string, or a non-empty list of ids in the vocabulary.
+
+        A text prompt starts with the bos token when the model asks for it (`add_bos`, as GGUF files declare:
+        llama.cpp's prompts do the same); chat templates write their own. Token ids are taken as given.
+        """
         if isinstance(prompt, str):
             if not prompt:
                 raise UsageError("the prompt is empty; pass some text (or token ids)")
-            return check_prompt_ids(self.encode(prompt), self.spec.architecture.vocab_size)
+            special = self.spec.special_tokens
+            bos = [special["bos_id"]] if special.get("add_bos") and "bos_id" in special else []
+            return check_prompt_ids(bos + self.encode(prompt), self.spec.architecture.vocab_size)
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence | np.ndarray):
             raise UsageError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         return check_prompt_ids(list(prompt), self.spec.architecture.vocab_size)

