@@ -116,20 +116,35 @@ def apply_stored_blocks(model: onnx.ModelProto, roles: GraphRoles, stored: Calla
     graph.ClearField("node")
     graph.node.extend(nodes)
     if roles.lm_head:
-        head_name = roles.lm_head_weight
-        weight = stored(head_name) or (stored("transformer.wte.weight") if roles.tied else None)
-        if weight is not None and weight.offsets is None:
-            report.kept.setdefault(weight.ggml_type, []).append(head_name)
-            shared = surgery.quantize_lm_head(model, roles, bits=weight.bits, block_size=BLOCK,
-                                              accuracy_level=accuracy_level, embedding=embedding_mode, stored=weight)
-            readers = {"gather": "GatherBlockQuantized", "dequant": "standard-op dequantizing Gather"}
-            report.embedding = (f"shares the LM head's {weight.ggml_type} blocks ({readers[shared]})"
-                                if shared in readers else "float table")
-        else:
-            report.float.append(head_name)
+        _head(model, roles, stored, requantize_bits, accuracy_level, embedding_mode, report)
     surgery.remove_unused_initializers(model)
     surgery.ensure_ms_opset(model)
     return report
+
+
+def _head(model: onnx.ModelProto, roles: GraphRoles, stored: Callable[[str], BlockWeight | None],
+          requantize_bits: Callable[[str], int | None], accuracy_level: int | None, embedding_mode: str,
+          report: KeptReport) -> None:
+    """The LM head (and the tied embedding reading its blocks): kept, rounded again, or float as the source says.
+    A head with offsets (Q4_1) stays float: the embedding could not share its blocks."""
+    name = roles.lm_head_weight
+    source = name if stored(name) is not None or not roles.tied else "transformer.wte.weight"
+    weight = stored(source)
+    bits = None if weight is not None else requantize_bits(source)
+    if weight is not None and weight.offsets is None:
+        report.kept.setdefault(weight.ggml_type, []).append(name)
+        bits = weight.bits
+    elif bits is not None and int(initializers(model)[name].dims[1 if roles.lm_head_vc else 0]) % BLOCK == 0:
+        weight = None
+        report.requantized.setdefault(bits, []).append(name)
+    else:
+        report.float.append(name)
+        return
+    shared = surgery.quantize_lm_head(model, roles, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level,
+                                      embedding=embedding_mode, stored=weight)
+    readers = {"gather": "GatherBlockQuantized", "dequant": "standard-op dequantizing Gather"}
+    what = weight.ggml_type if weight is not None else f"int{bits}"
+    report.embedding = f"shares the LM head's {what} blocks ({readers[shared]})" if shared in readers else "float table"
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int | None) -> None:

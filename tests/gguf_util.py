@@ -9,6 +9,7 @@ gguf package, mapped back to transformers' layout): the reference a faithful imp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +88,41 @@ def _metadata(w, arch: str, cfg, model_type: str) -> None:
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", scaling["factor"])
+    elif kind == "llama3":  # the converter writes the per-frequency factors as a tensor (llama.py)
+        w.add_tensor("rope_freqs.weight", _llama3_factors(cfg.rope_theta, head_dim, scaling))
+    elif kind == "longrope":  # phi.py: both factor lists as tensors, the attention factor in the metadata
+        original = cfg.original_max_position_embeddings
+        scale = cfg.max_position_embeddings / original
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length", original)
+        w.add_float32(f"{arch}.rope.scaling.attn_factor",
+                      math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], np.float32))
 
 
-def _tokenizer(w, tok, vocab_size: int, eot: str) -> None:
+def _llama3_factors(theta: float, dim: int, s: dict) -> np.ndarray:
+    """convert_hf_to_gguf's rope_freqs for Llama 3 scaling: one divisor per rotary frequency."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                              s["original_max_position_embeddings"])
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def _tokenizer(w, tok, vocab_size: int, eot: str, add_bos: bool) -> None:
     import json
 
     model = json.loads(tok.to_str())["model"]
@@ -107,10 +137,11 @@ def _tokenizer(w, tok, vocab_size: int, eot: str) -> None:
     w.add_array("tokenizer.ggml.merges", merges)
     w.add_uint32("tokenizer.ggml.bos_token_id", tok.token_to_id(eot))
     w.add_uint32("tokenizer.ggml.eos_token_id", tok.token_to_id(eot))
+    w.add_bool("tokenizer.ggml.add_bos_token", add_bos)
 
 
 def write_gguf(model, tok, path: Path, model_type: str, qtype: str = "F32", eot: str = "<|endoftext|>",
-               chat_template: str | None = None) -> dict[str, torch.Tensor]:
+               chat_template: str | None = None, add_bos: bool = False) -> dict[str, torch.Tensor]:
     """Write `model` (transformers, random init) as a GGUF of `qtype`; return its state dict as the file holds it."""
     cfg = model.config
     arch = ARCH[model_type]
@@ -120,7 +151,7 @@ def write_gguf(model, tok, path: Path, model_type: str, qtype: str = "F32", eot:
     w = gguf.GGUFWriter(str(path), arch)
     _metadata(w, arch, cfg, model_type)
     _tokenizer(w, tok, state["model.embed_tokens.weight" if model_type != "gpt2" else "transformer.wte.weight"]
-               .shape[0], eot)
+               .shape[0], eot, add_bos)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
     n_head = cfg.n_head if model_type == "gpt2" else cfg.num_attention_heads

@@ -84,14 +84,15 @@ def _compare(bundle: Path, ref, tol: float | None, graph: Path | None = None) ->
     return worst
 
 
+# test_families' configurations: Llama with Llama 3 rotary scaling (rope_freqs), Phi-3 with longrope (factor
+# tensors), Mistral with linear scaling, Qwen2 biases and an untied head, Qwen3 q/k norms.
 FLOAT_CASES = [("llama", "F32"), ("qwen2", "F32"), ("qwen3", "F32"), ("phi3", "F32"), ("mistral", "F32"),
                ("gpt2", "F32"), ("llama", "F16")]
 
 
 @pytest.mark.parametrize("model_type, qtype", FLOAT_CASES, ids=[f"{m}-{q}" for m, q in FLOAT_CASES])
 def test_float_files_equal_transformers(tmp_path: Path, model_type: str, qtype: str) -> None:
-    changes = {"rope_scaling": None} if model_type in ("llama", "phi3") else {}
-    model, tok = make_model(model_type, **changes)
+    model, tok = make_model(model_type)
     held = write_gguf(model, tok, tmp_path / "m.gguf", model_type, qtype)
     bundle = export_bundle(tmp_path / "m.gguf", tmp_path / "b", progress=False)
     spec = read_spec(bundle)
@@ -188,3 +189,71 @@ def test_info_shows_what_the_file_held_and_what_was_kept(kept, capsys) -> None:
     assert main(["info", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert f"source_types.attn_q.{qtype}" in out and f"gguf.kept.{qtype}" in out
+
+
+def test_a_type_that_cannot_be_kept_is_rounded_again_and_said_so(tmp_path: Path) -> None:
+    """Q5_0 (5.5 bits a weight) has no MatMulNBits form: its weights are rounded again to 8 bits and gated."""
+    model, tok = make_model("llama", seed=5, rope_scaling=None, **BLOCKABLE)
+    held = write_gguf(model, tok, tmp_path / "m.gguf", "llama", "Q5_0")
+    bundle = export_bundle(tmp_path / "m.gguf", tmp_path / "b", progress=False)
+    q = read_spec(bundle).quantization
+    assert q["method"] == "gguf-kept+requantized" and q["gguf"]["kept"] == {}
+    assert q["gguf"]["requantized"] == {"int8": 2 * 4 + 1} and q["blocks_match_dequantized"] is None
+    assert q["quality"]["passed"] and q["quality"]["max_ppl_increase_pct"] == 2.0
+    assert "int8" in q["gguf"]["embedding"]
+    _compare(bundle, reference(model, held), None)
+
+
+def test_a_text_prompt_starts_with_bos_when_the_file_asks(tmp_path: Path) -> None:
+    from gptedge.runtime import Model
+
+    model, tok = make_model("llama", seed=6, rope_scaling=None)
+    write_gguf(model, tok, tmp_path / "m.gguf", "llama", "F32", add_bos=True)
+    bundle = export_bundle(tmp_path / "m.gguf", tmp_path / "b", progress=False)
+    loaded = Model.load(bundle)
+    bos = loaded.spec.special_tokens["bos_id"]
+    assert loaded.spec.special_tokens["add_bos"] is True
+    assert loaded.prompt_ids("hello") == [bos] + loaded.encode("hello")
+    assert loaded.prompt_ids([5, 6]) == [5, 6]  # ids are taken as given
+
+
+
+SPM_TEXTS = ["Hello world, this is a test.", "  two leading spaces and   three inside", "def f(x):\n\treturn x * 2",
+             "naïve café 日本語 😀 unseen: Ωμέγα ∑∫", "numbers 12345 and 3.14"]
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path: Path) -> None:
+    """A `llama` (SentencePiece BPE) vocabulary, written as llama.cpp's converter writes one: pieces, scores and
+    types; gptedge's tokenizer gives sentencepiece's own ids, byte fallback included. (Control tokens written in
+    the text, "<s>", are matched as tokens, as llama.cpp does when it parses special tokens; sentencepiece never
+    matches them.)"""
+    spm = pytest.importorskip("sentencepiece")
+    import sysconfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8"))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "llama")
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", [sp.id_to_piece(i) for i in range(n)])
+    w.add_array("tokenizer.ggml.scores", [sp.get_score(i) for i in range(n)])
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", sp.unk_id())
+    w.add_bool("tokenizer.ggml.add_space_prefix", True)
+    w.add_tensor("token_embd.weight", np.zeros((n, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from gptedge.export.gguf_file import GGUFFile
+    from gptedge.export.gguf_tokenizer import build_tokenizer
+
+    tok = build_tokenizer(GGUFFile(tmp_path / "v.gguf"))
+    for text in SPM_TEXTS:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text

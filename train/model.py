@@ -37,7 +37,7 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
-ROPE_SCALINGS = ("linear", "llama3", "longrope")
+ROPE_SCALINGS = ("linear", "llama3", "longrope", "factors")
 
 
 @dataclass
