@@ -1,7 +1,7 @@
 """Export a quantized source (a GGUF file) as the quantized model it is: its blocks kept, then checked twice.
 
 The float graph is exported and verified against PyTorch first, as for every source. Then:
-  1. its projections take the file's own blocks (gptedge.quantize.kept); what cannot be kept is rounded again
+  1. its projections take the file's own blocks (gptedge.quantize.blocks); what cannot be kept is rounded again
      by gptedge's blockwise quantizer, and said so;
   2. with full-precision arithmetic (MatMulNBits accuracy_level 0) the kept graph must match PyTorch running
      the *dequantized* weights within the float tolerance: the blocks hold exactly the file's values;
@@ -63,14 +63,14 @@ def keep_stored_quantization(tmp: Path, spec: BundleSpec, src: Source, verify_id
     import onnx
 
     from gptedge.export.verify import verify
-    from gptedge.quantize import kept, surgery
+    from gptedge.quantize import blocks, surgery
     from gptedge.quantize.roles import find_roles, name_nodes
 
     traits = TRAITS[spec.target]
     model = onnx.load(str(tmp / MODEL_NAME))
     name_nodes(model)
     roles = find_roles(model, spec)
-    report = kept.apply_stored_blocks(model, roles, src.stored.blocks, src.stored.requantize_bits, None,
+    report = blocks.apply_blocks(model, roles, src.stored.blocks, src.stored.requantize_bits, None,
                                       "gather" if traits.gather_block_quantized else "dequant")
     work = tmp / ".kept"
     work.mkdir()
@@ -83,7 +83,7 @@ def keep_stored_quantization(tmp: Path, spec: BundleSpec, src: Source, verify_id
             raise ExportError(f"the file's blocks did not reproduce its dequantized weights ({exc})") from None
     del model  # saving moved its weights to model.onnx.data: set the fast arithmetic on the graph file alone
     graph = onnx.load(str(work / MODEL_NAME), load_external_data=False)
-    kept.set_accuracy_level(graph, traits.matmul_nbits_accuracy)
+    blocks.set_accuracy_level(graph, traits.matmul_nbits_accuracy)
     onnx.save(graph, str(work / MODEL_NAME))
     limit = max_ppl_increase if max_ppl_increase is not None else (
         KEPT_MAX_PPL_INCREASE if report.exact else REQUANTIZED_MAX_PPL_INCREASE)

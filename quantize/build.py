@@ -18,12 +18,16 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from gptedge.errors import QuantizeError
-from gptedge.quantize import ort_quant, surgery
+from gptedge.quantize import activations, blocks, ort_quant, rounding, surgery
+from gptedge.quantize.activations import Hessians
+from gptedge.quantize.blocks import weight_name
 from gptedge.quantize.calibration import calibration_feeds
+from gptedge.quantize.ggml_blocks import BlockWeight
 from gptedge.quantize.recipes import METHODS, Method, default_block_size, head_bits
-from gptedge.quantize.roles import GraphRoles, find_roles, name_nodes
+from gptedge.quantize.roles import GraphRoles, find_roles, initializers, name_nodes
 from gptedge.runtime.bundle import MODEL_NAME, BundleSpec
 from gptedge.runtime.traits import TRAITS
 
@@ -45,7 +49,8 @@ def _plan(spec: BundleSpec, recipe: Method, block_size: int | None, accuracy_lev
     traits = TRAITS[spec.target]
     bits = head_bits(recipe)
     return BuildPlan(
-        recipe=recipe, head_bits=bits, block_size=block_size or default_block_size(bits, spec.architecture.n_embd),
+        recipe=recipe, head_bits=bits,
+        block_size=block_size or default_block_size(bits, spec.architecture.n_embd, recipe),
         accuracy_level=traits.matmul_nbits_accuracy if accuracy_level is None else accuracy_level,
         table_mode="gather" if traits.gather_block_quantized else "dequant",
         whole_blocks=traits.matmul_nbits_whole_blocks,
@@ -103,6 +108,61 @@ def _save_weight_only(model: onnx.ModelProto, roles: GraphRoles, plan: BuildPlan
     surgery.save_model(model, out_folder / MODEL_NAME)
 
 
+def collect_hessians(source_model: Path, spec: BundleSpec, windows: list[np.ndarray],
+                     on_window: Callable[[], None] | None = None) -> Hessians:
+    """The rounding recipes' calibration statistics for the float graph `source_model` (quantize.activations)."""
+    model, roles = _load_float_graph(source_model, spec)
+    return activations.collect(model, roles, source_model.parent, spec, windows, on_window)
+
+
+def round_weights(model: onnx.ModelProto, roles: GraphRoles, plan: BuildPlan, hessians: Hessians,
+                  sensitive_int8: float = 0.0) -> dict[str, BlockWeight]:
+    """The blocks of every projection by the recipe's rounding (quantize.rounding), keyed by weight name.
+
+    "gptq": GPTQ with act-order on each MatMul's input Hessian; "searched": scales searched against the
+    input channels' mean square activations. INT8 is symmetric (Q8_0's form), INT4 has integer zero points.
+    `sensitive_int8`: that fraction of the projections, those whose rounding moves their outputs most on the
+    calibration text (relative squared error), is rounded at INT8 instead.
+    """
+    recipe, block = plan.recipe, plan.block_size
+    inits = initializers(model)
+    out: dict[str, BlockWeight] = {}
+    moved: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.name not in roles.block_matmuls:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).T  # [N, K]
+        h = hessians.get(node.input[0])
+        if recipe.rounding == "gptq" and h is not None and w.shape[1] % block == 0:
+            weight = rounding.gptq(w, h, recipe.bits, block, symmetric=recipe.bits == 8, act_order=True)
+        else:
+            weight = rounding.searched(w, recipe.bits, block, symmetric=recipe.bits == 8,
+                                       importance=None if h is None else hessians.importance(node.input[0]))
+        out[weight_name(node)] = weight
+        if sensitive_int8 and h is not None:
+            moved[node.name] = (rounding.output_error(w, weight, h), node)
+    count = int(round(sensitive_int8 * len(moved)))
+    for _, node in sorted(moved.values(), key=lambda item: -item[0])[:count]:
+        w = numpy_helper.to_array(inits[node.input[1]]).T
+        out[weight_name(node)] = rounding.searched(w, 8, block, symmetric=True,
+                                                   importance=hessians.importance(node.input[0]))
+    return out
+
+
+def _save_rounded(model: onnx.ModelProto, roles: GraphRoles, plan: BuildPlan, out_folder: Path,
+                  weights: dict[str, BlockWeight], head_q: bool, float_embeddings: bool) -> str:
+    """Rounding recipes: the computed blocks go into the graph (quantize.blocks), the head's with them; returns how
+    the embedding is stored."""
+    if head_q:
+        w = numpy_helper.to_array(initializers(model)[roles.lm_head_weight])
+        weights = {**weights, roles.lm_head_weight: rounding.searched(w if roles.lm_head_vc else w.T, plan.head_bits,
+                                                                      plan.block_size, symmetric=True)}
+    report = blocks.apply_blocks(model, roles, weights.get, lambda name: None, plan.accuracy_level,
+                                 _head_embedding_mode(plan, float_embeddings))
+    surgery.save_model(model, out_folder / MODEL_NAME)
+    return report.embedding
+
+
 def _float_head_gemm(model: onnx.ModelProto, roles: GraphRoles) -> onnx.NodeProto | None:
     """A copy of the float LM head when it is a Gemm: quantize_dynamic / quantize_static rewrite every Gemm, and
     surgery.restore_gemm puts this one back so the tied matrix is stored once."""
@@ -131,19 +191,31 @@ def build_quantized_model(
     source_model: Path, spec: BundleSpec, method: str, out_folder: Path, *, block_size: int | None = None,
     quantize_lm_head: bool = True, float_embeddings: bool = False, calibration_windows: list[np.ndarray] | None = None,
     accuracy_level: int | None = None, on_calibration_batch: Callable[[], None] | None = None,
+    hessians: Hessians | None = None, sensitive_int8: float = 0.0,
 ) -> dict[str, Any]:
     """Write the quantized model.onnx (+ .data) of `method` into `out_folder`; return what was done.
 
     block_size: weights per scale of blockwise weights (default: recipes.DEFAULT_BLOCK_SIZE for the head's bits).
     accuracy_level: MatMulNBits compute precision (default: the target's matmul_nbits_accuracy in runtime/traits.py).
+    hessians: the rounding recipes' calibration statistics (quantize.activations.collect), when already collected
+    (a ladder's rungs share them); else collected here on `calibration_windows`.
+    sensitive_int8: the rounding recipes' fraction of projections kept at INT8 (recipes.Rung).
     """
     plan = _plan(spec, METHODS[method], block_size, accuracy_level)
     out_folder.mkdir(parents=True, exist_ok=True)
     model, roles = _load_float_graph(source_model, spec)
     _check_whole_blocks(model, roles, spec, plan)
     head_q = bool(quantize_lm_head and roles.lm_head)
-    embedding = _quantize_head(model, roles, plan, float_embeddings) if head_q else "float"
     positions = [] if float_embeddings else _quantize_positions(model, roles, plan)
+    if plan.recipe.rounding:
+        if hessians is None:
+            hessians = activations.collect(model, roles, source_model.parent, spec, calibration_windows or [],
+                                           on_calibration_batch)
+        weights = round_weights(model, roles, plan, hessians, sensitive_int8)
+        embedding = _save_rounded(model, roles, plan, out_folder, weights, head_q, float_embeddings)
+        return _details(plan, roles, head_q, "float" if embedding == "float table" else plan.table_mode, positions,
+                        hessians, sensitive_int8)
+    embedding = _quantize_head(model, roles, plan, float_embeddings) if head_q else "float"
     if plan.recipe.kind == "weight":
         _save_weight_only(model, roles, plan, out_folder)
     else:
@@ -158,7 +230,8 @@ def build_quantized_model(
     return _details(plan, roles, head_q, embedding, positions)
 
 
-def _details(plan: BuildPlan, roles: GraphRoles, head_q: bool, embedding: str, positions: list[str]) -> dict[str, Any]:
+def _details(plan: BuildPlan, roles: GraphRoles, head_q: bool, embedding: str, positions: list[str],
+             hessians: Hessians | None = None, sensitive_int8: float = 0.0) -> dict[str, Any]:
     """What was done, as gptedge.json records it: `kind` is what the runtime checks a provider's kernels against."""
     recipe = plan.recipe
     blockwise = recipe.kind == "weight" or head_q  # block size / accuracy level apply to MatMulNBits weights only
@@ -171,7 +244,11 @@ def _details(plan: BuildPlan, roles: GraphRoles, head_q: bool, embedding: str, p
         "kind": recipe.kind,
         "bits": recipe.bits,
         "block_size": plan.block_size if blockwise else None,
-        "symmetric": True,
+        "symmetric": recipe.rounding is None or recipe.bits == 8,
+        **({"rounding": {"method": "GPTQ with act-order" if recipe.rounding == "gptq" else
+                         "scales searched against mean square activations",
+                         "calibration_positions": hessians.rows, "sensitive_at_int8": sensitive_int8}}
+           if hessians is not None else {}),
         "accuracy_level": plan.accuracy_level if blockwise else None,
         "quantized_nodes": roles.block_matmuls,
         "float_nodes": float_nodes,

@@ -20,13 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write the quantized bundle to (written atomically)")
     parser.add_argument("--method", default="auto", metavar="METHOD", help=method_help())
     parser.add_argument("--calibration", nargs="+", metavar="TEXT_OR_FILES",
-                        help="text, files, folders or globs: int8-static calibrates on it; without --eval-text the "
-                             "quality gate measures on it (on its last quarter for int8-static)")
+                        help="text, files, folders or globs that int8, int4 and int8-static calibrate on (use text "
+                             "like the model's work: fine-tuning data, your documents); without --eval-text the "
+                             "quality gate measures on its last quarter")
     parser.add_argument("--eval-text", nargs="+", metavar="TEXT_OR_FILES",
-                        help="held-out text (files, folders, globs or literal text) for the quality gate; use text the "
-                             "model was not trained on")
-    parser.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PCT",
-                        help="fail, writing nothing, when held-out perplexity rises more than PCT percent")
+                        help="held-out text (files, folders, globs or literal text) for the quality gate: text the "
+                             "model was not trained on, from the domain it will serve (after fine-tuning: held-out "
+                             "fine-tuning data); without it and --calibration, English prose built into Python; the "
+                             "gate says when the text is too short to tell pass from fail")
+    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                        help="fail, writing nothing, when held-out perplexity rises more than PCT percent "
+                             "(default: the method's, 2 for INT8 and 5 for int4)")
     parser.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
                         help="quantize the (tied) LM head too, or keep it float; default: build and measure both, keep "
                              "the quantized head when it passes the gate")

@@ -96,12 +96,18 @@ class QualityReport:
     greedy_tokens: int
     max_ppl_increase_pct: float
     passed: bool
+    # 95% interval of the perplexity change from the paired per-token log-likelihood differences: how much of the
+    # measured change the held-out text's length can vouch for
+    ppl_increase_ci_pct: tuple[float, float] = (0.0, 0.0)
+    # False when the interval straddles the limit: the text is too short to tell pass from fail
+    decided: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("float_ppl", "quantized_ppl", "ppl_increase_pct", "top1_agreement", "greedy_agreement",
                   "greedy_prefix"):
             d[k] = round(d[k], 6)
+        d["ppl_increase_ci_pct"] = [round(x, 4) for x in self.ppl_increase_ci_pct]
         return d
 
 
@@ -109,6 +115,7 @@ def compare(reference: Measurement, candidate: Measurement, data: EvalSet,
             max_ppl_increase_pct: float) -> QualityReport:
     f, q = reference.ppl, candidate.ppl
     rise = 100.0 * (q / f - 1.0)
+    low, high = change_interval(reference.scores.nll, candidate.scores.nll)
     free = ev.greedy_agreement(reference.greedy, candidate.greedy)
     followed = np.array(reference.greedy) == np.array(candidate.forced)
     return QualityReport(
@@ -118,7 +125,19 @@ def compare(reference: Measurement, candidate: Measurement, data: EvalSet,
         greedy_first_divergence=free.first_divergence,
         eval_tokens=int(len(reference.scores.nll)), greedy_prompts=len(data.prompts), greedy_tokens=data.greedy_tokens,
         max_ppl_increase_pct=max_ppl_increase_pct, passed=bool(np.isfinite(q) and rise <= max_ppl_increase_pct),
+        ppl_increase_ci_pct=(low, high), decided=not low <= max_ppl_increase_pct <= high,
     )
+
+
+def change_interval(reference_nll: np.ndarray, candidate_nll: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the perplexity change (percent): the mean per-token NLL difference +- z standard errors,
+    the tokens paired (both models scored the same ones), as exp(mean difference) is the perplexity ratio."""
+    diff = np.asarray(candidate_nll, np.float64) - np.asarray(reference_nll, np.float64)
+    diff = diff[np.isfinite(diff)]
+    if len(diff) < 2:
+        return (float("nan"), float("nan"))
+    mean, error = diff.mean(), z * diff.std(ddof=1) / np.sqrt(len(diff))
+    return 100.0 * (float(np.exp(mean - error)) - 1.0), 100.0 * (float(np.exp(mean + error)) - 1.0)
 
 
 def _mb(n: int | None) -> str:

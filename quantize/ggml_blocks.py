@@ -13,7 +13,7 @@ zero point holds it, and onnxruntime's CPU kernel runs float zero points on a sl
 benchmarks/results/gguf-smollm2.json). So a Q4_1 block keeps its integers q and scale d with the integer zero
 point z nearest -m / d, and the remainder r = m + z d (at most d / 2) as an offset: W x = W' x + R s(x), where
 W' = d (q - z) runs on the fast integer kernel, R [N, K / 32] holds the remainders and s(x) the sums of x over
-each block of 32, a product 32 times smaller than the weight's (gptedge.quantize.kept builds it). Centring the
+each block of 32, a product 32 times smaller than the weight's (gptedge.quantize.blocks builds it). Centring the
 integer part on the weights keeps the int8 activation rounding of the fast kernel as small as for Q4_0.
 
 numpy only: the quantize layer reads these arrays, export/gguf.py produces them from a file's bytes.
@@ -40,11 +40,16 @@ class BlockWeight:
     scales: np.ndarray  # [N, K / 32] float32
     zeros: np.ndarray | None = None  # [N, K / 32] uint8 zero point per block; None: the bit width's default
     offsets: np.ndarray | None = None  # [N, K / 32] float32 added to every weight of the block (Q4_1's remainder)
+    columns: int | None = None  # K when the last block is padded (a width that is not whole blocks); None: whole
+
+    @property
+    def block_size(self) -> int:
+        return self.packed.shape[2] * 8 // self.bits
 
     @property
     def shape(self) -> tuple[int, int]:
         n, blocks, _ = self.packed.shape
-        return n, blocks * BLOCK
+        return n, self.columns or blocks * self.block_size
 
     def zero_points(self) -> np.ndarray | None:
         """MatMulNBits' zero_points input ([N, ceil(K / 32 * bits / 8)] uint8, packed as the values are), None for
@@ -63,7 +68,8 @@ class BlockWeight:
         w = (q - zero) * self.scales[..., None]
         if self.offsets is not None:
             w = w + self.offsets[..., None]
-        return w.reshape(self.shape)
+        n, k = self.shape
+        return w.reshape(n, -1)[:, :k]
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -74,6 +80,11 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Values [..., 32] (uint8, below 2^bits) -> MatMulNBits blobs [..., 32 * bits / 8]."""
+    return np.ascontiguousarray(values, np.uint8) if bits == 8 else _pack4(values)
 
 
 def _pack4(values: np.ndarray) -> np.ndarray:
@@ -111,7 +122,8 @@ def concat_rows(parts: list[BlockWeight]) -> BlockWeight:
     def stack(field: str) -> np.ndarray | None:
         return None if getattr(first, field) is None else np.concatenate([getattr(p, field) for p in parts])
 
-    return BlockWeight(first.ggml_type, first.bits, stack("packed"), stack("scales"), stack("zeros"), stack("offsets"))
+    return BlockWeight(first.ggml_type, first.bits, stack("packed"), stack("scales"), stack("zeros"), stack("offsets"),
+                       first.columns)
 
 
 def permute_rows(weight: BlockWeight, order: np.ndarray) -> BlockWeight:
@@ -120,4 +132,4 @@ def permute_rows(weight: BlockWeight, order: np.ndarray) -> BlockWeight:
         return None if value is None else value[order]
 
     return BlockWeight(weight.ggml_type, weight.bits, weight.packed[order], weight.scales[order], take(weight.zeros),
-                       take(weight.offsets))
+                       take(weight.offsets), weight.columns)

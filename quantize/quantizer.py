@@ -30,10 +30,11 @@ import numpy as np
 from gptedge.atomic import atomic_output_dir
 from gptedge.errors import OutputExistsError, QuantizeError
 from gptedge.quantize import gate
-from gptedge.quantize.build import build_quantized_model
+from gptedge.quantize.build import build_quantized_model, collect_hessians
 from gptedge.quantize.recipes import (
     METHODS,
     Method,
+    Rung,
     check_block_size,
     default_block_size,
     get_method,
@@ -43,7 +44,8 @@ from gptedge.quantize.recipes import (
 from gptedge.quantize.texts import MIN_EVAL_TOKENS, TextInput, Texts, load_texts, read_text
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, read_spec, write_spec
 
-DEFAULT_MAX_PPL_INCREASE = 2.0  # percent
+DEFAULT_MAX_PPL_INCREASE = 2.0  # percent, for recipes that do not set their own (recipes.Method.max_ppl_increase)
+ROUNDING_WINDOWS, ROUNDING_WINDOW_TOKENS = 128, 256  # calibration the rounding recipes read: 32,768 positions
 SCRATCH = ".scratch"  # candidates are built here, inside the output's temporary folder
 KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see (prefill only: cheap next to a gate)
 
@@ -53,10 +55,10 @@ KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see
 # trained demo model is the gate's table in benchmarks/results/peers-demo.md. CUDA / DirectML: MatMulNBits
 # is the INT8 recipe their providers run fused (runtime/traits.py: int8_kernels).
 AUTO: dict[str, tuple[str, str]] = {
-    "cpu": ("int8-weight", "fastest INT8 decode on CPU in benchmarks/results/quantize-methods.json and the smallest "
-                           "file, at equal perplexity; int8-dynamic prefills long prompts faster"),
-    "cuda": ("int8-weight", "the one INT8 recipe with fused CUDA kernels (MatMulNBits); dynamic INT8 has none on CUDA"),
-    "dml": ("int8-weight", "the one INT8 recipe DirectML runs fused (MatMulNBits: dequantize + GEMM)"),
+    "cpu": ("int8", "MatMulNBits INT8 decodes fastest on CPU (benchmarks/results/quantize-methods.json), and searched "
+                    "scales keep real models' quality at Q8_0's size (benchmarks/results/quantize-recipes.json)"),
+    "cuda": ("int8", "MatMulNBits is the one INT8 form with fused CUDA kernels; dynamic INT8 has none on CUDA"),
+    "dml": ("int8", "MatMulNBits is the one INT8 form DirectML runs fused (dequantize + GEMM)"),
 }
 
 Log = Callable[[str], None]
@@ -83,6 +85,14 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One candidate to build: the LM head quantized or float and, for a laddered recipe, its rung."""
+
+    head: bool
+    rung: Rung | None = None
+
+
+@dataclass(frozen=True)
 class _Job:
     """Everything quantize_bundle checked before any slow work; the steps after the checks read it from here."""
 
@@ -99,6 +109,7 @@ class _Job:
     genai: bool  # write the onnxruntime-genai graph and config beside the quantized model (gptedge.quantize.genai)
     kv_cache: str | None = None  # "int8": the cache is quantized too (gptedge.quantize.kvcache); None: as the source
     kv_windows: list[np.ndarray] | None = None  # the int8 cache's calibration windows
+    rungs: tuple[Rung, ...] = ()  # a laddered recipe's candidates that fit this model (empty: not laddered)
 
     @property
     def run_spec(self) -> BundleSpec:
@@ -176,9 +187,10 @@ def _block_size(spec: BundleSpec, recipe: Method, block_size: int | None, log: L
     return block
 
 
-def _gate_limit(max_ppl_increase: float | None, max_eval_tokens: int) -> float:
-    """The gate's limit in percent (None: the default), with the eval cap checked: a bad gate is refused up front."""
-    limit = DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase
+def _gate_limit(max_ppl_increase: float | None, max_eval_tokens: int, recipe: Method) -> float:
+    """The gate's limit in percent (None: the recipe's default), with the eval cap checked: a bad gate is refused
+    up front."""
+    limit = recipe.max_ppl_increase if max_ppl_increase is None else max_ppl_increase
     if not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
         raise QuantizeError(f"max_ppl_increase must be a percentage >= 0, got {limit!r}")
     if not isinstance(max_eval_tokens, int) or max_eval_tokens < MIN_EVAL_TOKENS:
@@ -222,7 +234,7 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     spec = _float_spec(source)
     recipe = _recipe(spec, method, log)
     block = _block_size(spec, recipe, block_size, log)
-    limit = _gate_limit(max_ppl_increase, max_eval_tokens)
+    limit = _gate_limit(max_ppl_increase, max_eval_tokens, recipe)
     kv = _kv_cache(spec, kv_cache)
     _check_out(source, out, force)
     genai = _genai(source, spec, genai)
@@ -232,10 +244,24 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     context = spec.architecture.context_length
     data = gate.make_eval_set(texts.eval_ids, context)
     log(texts.note)
-    windows = _calibration_windows(texts.calibration_ids, context) if recipe.calibrated else None
+    windows = None
+    if recipe.rounding:
+        windows = _calibration_windows(texts.calibration_ids, context, ROUNDING_WINDOWS, ROUNDING_WINDOW_TOKENS)
+    elif recipe.calibrated:
+        windows = _calibration_windows(texts.calibration_ids, context)
     kv_windows = _kv_windows(texts.calibration_ids, context) if kv else None
     return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress, genai, kv,
-                kv_windows)
+                kv_windows, _rungs(spec, recipe, block_size))
+
+
+def _rungs(spec: BundleSpec, recipe: Method, block_size: int | None) -> tuple[Rung, ...]:
+    """The recipe's ladder for this model: rungs whose blocks fit its width (an explicit --block-size replaces
+    the ladder with that one block size, and the sensitive-tensor rung)."""
+    if not recipe.rungs:
+        return ()
+    if block_size is not None:
+        return (Rung(block_size), Rung(block_size, max(r.sensitive_int8 for r in recipe.rungs)))
+    return tuple(r for r in recipe.rungs if r.block_size <= spec.architecture.n_embd)
 
 
 def _genai(source: Path, spec: BundleSpec, asked: bool | None) -> bool:
@@ -282,33 +308,60 @@ def _measure_reference(job: _Job, log: Log) -> tuple[gate.Measurement, str]:
     return _measure(engine, job.data, f"{job.spec.dtype} reference", job.progress), engine.device
 
 
-def _build(job: _Job, folder: Path, head: bool) -> dict[str, Any]:
-    """build_quantized_model for one candidate, with a progress bar over the calibration windows."""
+def _build(job: _Job, folder: Path, choice: Choice, shared: dict[str, Any]) -> dict[str, Any]:
+    """build_quantized_model for one candidate, with a progress bar over the calibration windows; the rounding
+    recipes' calibration statistics are collected once and shared by every candidate (`shared`)."""
     from tqdm.auto import tqdm
 
     windows = job.windows
-    with tqdm(total=len(windows) if windows else 0, desc="calibrating", unit="window",
-              disable=not (job.progress and windows), leave=False) as bar:
+    if job.recipe.rounding and "hessians" not in shared:
+        with tqdm(total=len(windows), desc="calibrating (activations of every projection)", unit="window",
+                  disable=not job.progress, leave=False) as bar:
+            shared["hessians"] = collect_hessians(job.source / MODEL_NAME, job.spec, windows, lambda: bar.update(1))
+    with tqdm(total=len(windows) if windows and not job.recipe.rounding else 0, desc="calibrating", unit="window",
+              disable=not (job.progress and windows) or bool(job.recipe.rounding), leave=False) as bar:
         return build_quantized_model(job.source / MODEL_NAME, job.spec, job.recipe.name, folder,
-                                     block_size=job.block_size, quantize_lm_head=head,
-                                     float_embeddings=job.float_embeddings, calibration_windows=windows,
-                                     on_calibration_batch=lambda: bar.update(1))
+                                     block_size=choice.rung.block_size if choice.rung else job.block_size,
+                                     quantize_lm_head=choice.head, float_embeddings=job.float_embeddings,
+                                     calibration_windows=windows, on_calibration_batch=lambda: bar.update(1),
+                                     hessians=shared.get("hessians"),
+                                     sensitive_int8=choice.rung.sensitive_int8 if choice.rung else 0.0)
 
 
-def _candidate(job: _Job, scratch: Path, head: bool, reference: gate.Measurement) -> Candidate:
-    """One way to quantize (LM head quantized or float), built in its own scratch folder and gated against the
-    float reference on the same held-out text."""
-    label = f"{job.recipe.name}, LM head {f'int{head_bits(job.recipe)}' if head else job.spec.dtype}"
+def _candidate(job: _Job, folder: Path, choice: Choice, reference: gate.Measurement,
+               shared: dict[str, Any]) -> Candidate:
+    """One way to quantize, built in its own scratch folder and gated against the float reference on the same
+    held-out text."""
+    label = f"{job.recipe.name}, LM head {f'int{head_bits(job.recipe)}' if choice.head else job.spec.dtype}"
+    if choice.rung:
+        label += f", {choice.rung.label}"
     if job.kv_cache:
         label += f", KV {job.kv_cache}"
-    folder = scratch / ("head-quantized" if head else "head-float")
-    details = _build(job, folder, head)
+    details = _build(job, folder, choice, shared)
     if job.kv_cache:
         details["kv_cache"] = _quantize_cache(job, folder / MODEL_NAME)
-    candidate = Candidate(label, head, folder, details, model_bytes(folder))
+    candidate = Candidate(label, choice.head, folder, details, model_bytes(folder))
     measured = _measure(_engine(folder / MODEL_NAME, job.run_spec), job.data, label, job.progress, reference)
     candidate.report = gate.compare(reference, measured, job.data, job.max_ppl_increase)
     return candidate
+
+
+def _candidates(job: _Job, scratch: Path, quantize_lm_head: bool | None,
+                reference: gate.Measurement) -> list[Candidate]:
+    """Build and gate the candidates: a laddered recipe's rungs in order until one passes; otherwise the LM head
+    both ways (quantized first) unless the user chose."""
+    shared: dict[str, Any] = {}
+    if job.rungs:
+        out = []
+        for i, rung in enumerate(job.rungs):
+            out.append(_candidate(job, scratch / f"rung-{i}", Choice(quantize_lm_head is not False, rung), reference,
+                                  shared))
+            if out[-1].report.passed:
+                break
+        return out
+    heads = [True, False] if quantize_lm_head is None else [bool(quantize_lm_head)]
+    return [_candidate(job, scratch / ("head-quantized" if h else "head-float"), Choice(h), reference, shared)
+            for h in heads]
 
 
 def _quantize_cache(job: _Job, model_path: Path) -> dict[str, Any]:
@@ -331,6 +384,12 @@ def _choose(job: _Job, candidates: list[Candidate], reference: gate.Measurement,
     chosen = passing[0] if passing else None
     log(gate.format_table(f"{job.spec.dtype} (source)", reference.ppl, float_bytes,
                           [(c.label, c.report, c.model_bytes) for c in candidates], chosen.label if chosen else None))
+    deciding = chosen or candidates[-1]
+    if not deciding.report.decided:
+        low, high = deciding.report.ppl_increase_ci_pct
+        log(f"note: the held-out text is too short to decide: {deciding.label} changed perplexity by "
+            f"{deciding.report.ppl_increase_pct:+.2f}% (95% interval {low:+.2f}% to {high:+.2f}%), which straddles "
+            f"the limit of {job.max_ppl_increase:g}%; pass more text with --eval-text")
     if chosen is None:
         worst = min(candidates, key=lambda c: c.report.ppl_increase_pct)
         raise QuantizeError(
@@ -344,19 +403,25 @@ def _record(job: _Job, chosen: Candidate, candidates: list[Candidate], asked: bo
             measured_on: str, seconds: float) -> dict[str, Any]:
     """gptedge.json's `quantization`: what was built, both head choices as measured, the gate, its texts and costs."""
     record = dict(chosen.details)
-    record["lm_head"] = {
-        **record["lm_head"],
-        "choice": "user" if asked is not None else "auto: quantized when it passes the gate, measured both ways",
-        "measured": {("quantized" if c.quantize_lm_head else "float"):
-                     {**c.report.to_dict(), "model_bytes": c.model_bytes} for c in candidates},
-    }
+    if job.rungs:
+        record["lm_head"] = {**record["lm_head"], "choice": "user" if asked is not None else
+                             f"the recipe's: int{head_bits(job.recipe)} (benchmarks/results/quantize-recipes.json)"}
+        record["ladder"] = [{"candidate": c.label, **c.report.to_dict(), "model_bytes": c.model_bytes}
+                            for c in candidates]
+    else:
+        record["lm_head"] = {
+            **record["lm_head"],
+            "choice": "user" if asked is not None else "auto: quantized when it passes the gate, measured both ways",
+            "measured": {("quantized" if c.quantize_lm_head else "float"):
+                         {**c.report.to_dict(), "model_bytes": c.model_bytes} for c in candidates},
+        }
     record["quality"] = chosen.report.to_dict()
     data = job.data
     record["eval"] = {"note": job.texts.note, "tokens": int(len(data.token_ids)), "window": data.window,
                       "stride": data.stride, "provider": measured_on}
     if job.windows:
         record["calibration"] = {"windows": len(job.windows), "tokens_per_window": int(len(job.windows[0])),
-                                 "method": "MinMax"}
+                                 "method": "input Hessians" if job.recipe.rounding else "MinMax"}
     record["model_bytes"] = chosen.model_bytes
     record["source_model_bytes"] = float_bytes
     record["seconds"] = round(seconds, 1)
@@ -385,7 +450,7 @@ def quantize_bundle(
     *,
     calibration: TextInput | None = None,
     eval_text: TextInput | None = None,
-    max_ppl_increase: float | None = DEFAULT_MAX_PPL_INCREASE,
+    max_ppl_increase: float | None = None,
     quantize_lm_head: bool | None = None,
     float_embeddings: bool = False,
     block_size: int | None = None,
@@ -402,7 +467,8 @@ def quantize_bundle(
     calibration / eval_text: text, or files / folders / globs of text. int8-static calibrates on
       `calibration`; the gate measures on `eval_text`, else on the calibration text (its last quarter
       when int8-static calibrates on the rest). One of the two is required.
-    max_ppl_increase: the gate, in percent: fail when held-out perplexity rises more than this (None: 2%).
+    max_ppl_increase: the gate, in percent: fail when held-out perplexity rises more than this (None: the recipe's
+      default, recipes.METHODS: 2% for INT8 recipes, 5% for int4).
     quantize_lm_head: True / False, or None to build both, measure both, and keep the quantized head
       when it passes the gate. A quantized head's blocks also serve the tied token embedding.
     float_embeddings: keep the token and position embedding tables float (by default the token embedding
@@ -425,11 +491,10 @@ def quantize_bundle(
     started = time.perf_counter()
     reference, measured_on = _measure_reference(job, log)
     float_bytes = model_bytes(job.source)
-    heads = [True, False] if quantize_lm_head is None else [bool(quantize_lm_head)]
     # Everything is built inside the output's temporary folder, so a failed gate, a full disk or a killed
     # process leaves at most a .tmp-gptedge-* folder, which the next run removes.
     with atomic_output_dir(out, force=force) as tmp:
-        candidates = [_candidate(job, tmp / SCRATCH, head, reference) for head in heads]
+        candidates = _candidates(job, tmp / SCRATCH, quantize_lm_head, reference)
         chosen = _choose(job, candidates, reference, float_bytes, log)
         seconds = time.perf_counter() - started
         record = _record(job, chosen, candidates, quantize_lm_head, float_bytes, measured_on, seconds)

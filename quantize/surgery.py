@@ -59,11 +59,10 @@ def quantize_lm_head(model: onnx.ModelProto, roles: GraphRoles, *, bits: int, bl
         w = numpy_helper.to_array(inits[roles.lm_head_weight])
         w_vc = w if roles.lm_head_vc else w.T  # [V, C]
         packed, scales = _block_quantize(w_vc.T, bits, block_size)  # packed [V, C/block, blob], scales [V, C/block]
-        zero = None
-    else:  # zero-point blocks only: offsets need the block-sum term of gptedge.quantize.kept
+        zero, (V, C) = None, w_vc.shape
+    else:  # zero-point blocks only: offsets need the block-sum term of gptedge.quantize.blocks
         packed, scales, zero = stored.packed, stored.scales, stored.zero_points()
-        bits, block_size = stored.bits, stored.packed.shape[2] * 8 // stored.bits
-    V, C = packed.shape[0], packed.shape[1] * block_size
+        bits, block_size, (V, C) = stored.bits, stored.block_size, stored.shape
     base = roles.lm_head_weight
     q_name, s_name = f"{base}_Q{bits}", f"{base}_scales"
     graph.initializer.extend([numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales, s_name)])

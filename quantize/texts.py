@@ -103,15 +103,17 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
     def encode(text: str) -> np.ndarray:
         return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
 
-    if calibration is None and eval_text is None:
-        raise QuantizeError("the quality gate needs held-out text: pass --eval-text FILE (text the model was not "
-                            "trained on, e.g. the validation part of your corpus) or --calibration FILE")
+    builtin = calibration is None and eval_text is None
+    if builtin:  # English prose that ships with Python: a gate every model can take, if not one about its domain
+        eval_text, builtin_note = builtin_text()
     cal = None
     if calibration is not None:
         text, cal_desc = read_text(calibration)
         cal = encode(text)
     if eval_text is not None:
         text, eval_desc = read_text(eval_text)
+        if builtin:
+            eval_desc = f"{builtin_note}; --eval-text with text of your model's domain makes a gate that speaks of it"
         held = encode(text)
         note = f"held-out text: {eval_desc}"
         if need_calibration and cal is None:  # calibrate on the first part of the only text given

@@ -158,7 +158,7 @@ def test_kept_blocks_hold_the_files_integers_and_scales(kept) -> None:
 def test_kept_bundle_decodes_like_transformers_on_the_dequantized_weights(kept, tmp_path: Path) -> None:
     """Exact arithmetic (accuracy_level 0): transformers' greedy tokens and logits within the blocks' tolerance.
     The shipped graph (int8 activations, as llama.cpp computes these types): the same tokens but at near-ties."""
-    from gptedge.quantize.kept import set_accuracy_level
+    from gptedge.quantize.blocks import set_accuracy_level
 
     _, _, bundle, ref = kept
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)

@@ -1,11 +1,11 @@
-"""A float graph whose projections take a quantized source's own blocks (a GGUF file's Q8_0 / Q4_0 / Q4_1).
+"""A float graph whose projections take given MatMulNBits blocks: a GGUF file's own, or gptedge's rounding.
 
 Every weight MatMul of the blocks (and the LM head, with the tied embedding reading the same bytes, as
-gptedge.quantize.surgery does for its own recipes) becomes MatMulNBits over the blocks the source stored:
-the same integers and scales, so the graph computes the model the file holds. Weights the source stored in
-a form MatMulNBits cannot hold as it is (k-quants, i-quants) are rounded again by gptedge's own blockwise
-quantizer at the nearest width (8 bits for 5 bits a weight or more, else 4), and reported as such; weights
-the source kept in float stay float.
+gptedge.quantize.surgery does) becomes MatMulNBits over the blocks it is handed: a quantized source's own
+(Q8_0 / Q4_0 / Q4_1, gptedge.quantize.ggml_blocks: the graph computes the model the file holds) or the ones
+a rounding recipe computed (gptedge.quantize.rounding). Weights a source stored in a form MatMulNBits cannot
+hold as it is (k-quants, i-quants) are rounded again by onnxruntime's blockwise quantizer at the nearest
+width (8 bits for 5 bits a weight or more, else 4), and reported as such; weights handed no blocks stay float.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from gptedge.quantize.ggml_blocks import BLOCK, BlockWeight
 from gptedge.quantize.roles import GraphRoles, initializers
 
 MATMUL_WEIGHT_SUFFIX = "_t"  # gptedge's export names a MatMul's [in, out] weight "<module>.weight_t"
+
+
+def weight_name(node: onnx.NodeProto) -> str:
+    """The model weight a MatMul multiplies by ("<module>.weight"), the name blocks are looked up by."""
+    return node.input[1].removesuffix(MATMUL_WEIGHT_SUFFIX)
 
 
 @dataclass
@@ -55,7 +60,7 @@ def _matmul_nbits(node: onnx.NodeProto, weight: BlockWeight, prefix: str, graph:
     if zero is not None:
         inputs.append(f"{prefix}_zero_points")
         graph.initializer.append(numpy_helper.from_array(zero, inputs[3]))
-    attrs = dict(K=k, N=n, bits=weight.bits, block_size=BLOCK)
+    attrs = dict(K=k, N=n, bits=weight.bits, block_size=weight.block_size)
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
     out = node.output[0]
@@ -67,10 +72,11 @@ def _matmul_nbits(node: onnx.NodeProto, weight: BlockWeight, prefix: str, graph:
     # offsets: + s(x) @ M^T, s(x) [.., K/32] the block sums of x (one product with a 0/1 matrix, shared per input)
     x = node.input[0]
     if x not in block_sums:
-        ones = f"block_sums_{k}"
+        ones = f"block_sums_{k}_{weight.block_size}"
         if not any(t.name == ones for t in graph.initializer):
             graph.initializer.append(numpy_helper.from_array(
-                np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32)), ones))  # [K, K/32]
+                np.kron(np.eye(k // weight.block_size, dtype=np.float32),
+                        np.ones((weight.block_size, 1), np.float32)), ones))  # [K, K / block]
         block_sums[x] = f"{prefix}/block_sums"
         nodes.insert(0, helper.make_node("MatMul", [x, ones], [block_sums[x]], name=f"{node.name}_BlockSums"))
     offsets = f"{prefix}_offsets"
@@ -86,7 +92,7 @@ def _rounded(weight_kn: np.ndarray, bits: int) -> BlockWeight:
     return BlockWeight(f"int{bits}", bits, packed, np.asarray(scales, np.float32).reshape(packed.shape[:2]))
 
 
-def apply_stored_blocks(model: onnx.ModelProto, roles: GraphRoles, stored: Callable[[str], BlockWeight | None],
+def apply_blocks(model: onnx.ModelProto, roles: GraphRoles, stored: Callable[[str], BlockWeight | None],
                         requantize_bits: Callable[[str], int | None], accuracy_level: int | None,
                         embedding_mode: str) -> KeptReport:
     """Rewrite `model` in place. `stored(name)`: the source's blocks for our weight `name` (None: not kept);
@@ -98,9 +104,9 @@ def apply_stored_blocks(model: onnx.ModelProto, roles: GraphRoles, stored: Calla
     replaced: dict[str, list[onnx.NodeProto]] = {}
     block_sums: dict[str, str] = {}
     for node in graph.node:
-        if node.name not in roles.block_matmuls or not node.input[1].endswith(MATMUL_WEIGHT_SUFFIX):
+        if node.name not in roles.block_matmuls:
             continue
-        name = node.input[1].removesuffix(MATMUL_WEIGHT_SUFFIX)
+        name = weight_name(node)
         k, n = inits[node.input[1]].dims
         weight = stored(name)
         if weight is not None and weight.shape == (n, k):
@@ -140,7 +146,8 @@ def _head(model: onnx.ModelProto, roles: GraphRoles, stored: Callable[[str], Blo
     else:
         report.float.append(name)
         return
-    shared = surgery.quantize_lm_head(model, roles, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level,
+    block = weight.block_size if weight is not None else BLOCK
+    shared = surgery.quantize_lm_head(model, roles, bits=bits, block_size=block, accuracy_level=accuracy_level,
                                       embedding=embedding_mode, stored=weight)
     readers = {"gather": "GatherBlockQuantized", "dequant": "standard-op dequantizing Gather"}
     what = weight.ggml_type if weight is not None else f"int{bits}"
