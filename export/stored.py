@@ -23,15 +23,15 @@ from gptedge.runtime.bundle import MODEL_NAME, BundleSpec
 from gptedge.runtime.traits import TRAITS
 
 # Kept blocks compute the file's model: what remains is the activation rounding of the fast kernels, measured on
-# SmolLM2-135M's GGUF at well under this (benchmarks/results/gguf-smollm2.json). Re-rounded weights get the
-# quantize command's own default limit.
+# SmolLM2-135M's GGUF well under this limit (row gptedge-kept-q4_1 in benchmarks/results/real-smollm2.json).
+# Re-rounded weights get the quantize command's own default limit.
 KEPT_MAX_PPL_INCREASE = 0.5
 REQUANTIZED_MAX_PPL_INCREASE = 2.0
 EVAL_TOKENS = 4096
-# Kept blocks hold the dequantized values exactly; MatMulNBits dequantizes then multiplies (and Q4_1's float zero
-# point -m/d is rounded once), so logits differ from PyTorch's product on the same floats in the last bits: 1.4e-4
-# on SmolLM2-135M's 30 layers and logits of magnitude ~30. A wrong block (order, zero point, scale) is off by whole
-# units, so a bound ten times the float export's keeps the check sharp.
+# Kept blocks hold the dequantized values exactly; MatMulNBits dequantizes then multiplies (and Q4_1's remainder
+# is rounded once), so logits differ from PyTorch's product on the same floats in the last bits (each export
+# records the difference in gptedge.json). A wrong block (order, zero point, scale) is off by whole units, so a
+# bound ten times the float export's keeps the check sharp.
 BLOCKS_TOLERANCE = (1e-3, "1e-3 absolute (blocks dequantized, then multiplied in fp32)")
 
 

@@ -10,7 +10,7 @@ ggml packs a 4-bit block as q[j] | q[j + 16] << 4 (byte j holds values j and j +
 consecutive values (byte i holds values 2i and 2i + 1), so the nibbles are reordered, never recomputed.
 Scales are d, widened from fp16 (exact). Q4_1's offset m is not a whole number of steps d, so no integer
 zero point holds it, and onnxruntime's CPU kernel runs float zero points on a slow path (measured in
-benchmarks/results/gguf-smollm2.json). So a Q4_1 block keeps its integers q and scale d with the integer zero
+benchmarks/results/gguf-blocks.json). So a Q4_1 block keeps its integers q and scale d with the integer zero
 point z nearest -m / d, and the remainder r = m + z d (at most d / 2) as an offset: W x = W' x + R s(x), where
 W' = d (q - z) runs on the fast integer kernel, R [N, K / 32] holds the remainders and s(x) the sums of x over
 each block of 32, a product 32 times smaller than the weight's (gptedge.quantize.blocks builds it). Centring the

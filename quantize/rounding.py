@@ -3,7 +3,7 @@
 A weight W [N, K] (one row per output) is cut into blocks of `block` values along K; each block stores
 integers q in [0, 2^bits) and a scale d, and the kernel computes d * (q - z) with an integer zero point z
 (the bit width's midpoint when symmetric; a uint8 per block when asymmetric: onnxruntime's CPU kernel runs
-integer zero points on its fast path, float ones on a slow one, benchmarks/results/gguf-smollm2.json).
+integer zero points on its fast path, float ones on a slow one, benchmarks/results/gguf-blocks.json).
 
 - `round_to_nearest`: d from the block's range (max |w| when symmetric, max - min when not), round, clip.
 - `searched`: llama.cpp's k-quant idea (make_qkx) for integer zero points: try a grid of scales around the

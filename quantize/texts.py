@@ -128,12 +128,12 @@ def load_texts(tokenizer: Any, calibration: TextInput | None, eval_text: TextInp
     else:
         held, cal = cal, None
         note = f"held-out text: the calibration text ({cal_desc}; nothing is calibrated by this method)"
-    if need_calibration and len(cal) < MIN_CALIBRATION_TOKENS:
-        raise QuantizeError(f"calibration text is too short: {len(cal)} tokens, calibrating needs at least "
-                            f"{MIN_CALIBRATION_TOKENS}; pass more text with --calibration")
     if len(held) < MIN_EVAL_TOKENS:
         raise QuantizeError(f"held-out text is too short for the quality gate: {len(held)} tokens, at least "
                             f"{MIN_EVAL_TOKENS} needed; pass more text with --eval-text (or --calibration)")
+    if need_calibration and len(cal) < MIN_CALIBRATION_TOKENS:
+        raise QuantizeError(f"calibration text is too short: {len(cal)} tokens, calibrating needs at least "
+                            f"{MIN_CALIBRATION_TOKENS}; pass more text with --calibration")
     return Texts(held[:max_eval_tokens], cal, note)
 
 

@@ -77,3 +77,37 @@ def test_tokenizer_encodes_as_llama_cpp_live() -> None:
     for text, _ in json.loads(RECORDED.read_text(encoding="utf-8"))["texts"]:
         assert tok.encode(text, add_special_tokens=False).ids == theirs.tokenize(
             text.encode(), add_bos=False, special=True), text
+
+
+def test_rounding_recipes_on_real_weights_and_activations(tmp_path: Path) -> None:
+    """On SmolLM2's own projections and their inputs on real text, the int4 recipe's GPTQ (act-order) keeps each
+    layer's output closer than searched scales, which beat plain rounding; the int8 recipe's importance-weighted
+    search beats Q8_0-style rounding. (Whole-model perplexities: benchmarks/results/quantize-recipes.json.)"""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from gptedge.quantize import rounding as R
+    from gptedge.quantize.activations import collect
+    from gptedge.quantize.build import _load_float_graph
+    from gptedge.quantize.quantizer import _calibration_windows
+    from gptedge.quantize.roles import initializers
+    from gptedge.quantize.texts import builtin_text
+    from gptedge.runtime.bundle import MODEL_NAME
+
+    bundle = export_bundle(Path(str(GGUF)), tmp_path / "fp32", dequantize=True, max_context=512, progress=False)
+    spec = read_spec(bundle)
+    model, roles = _load_float_graph(bundle / MODEL_NAME, spec)
+    ids = np.array(build_tokenizer(GGUFFile(Path(str(GGUF)))).encode(builtin_text()[0]).ids[:8192])
+    hessians = collect(model, roles, bundle, spec, _calibration_windows(ids, 512, 16, 256))
+    inits = initializers(model)
+    picked = [n for n in model.graph.node if n.name in roles.block_matmuls and ".h.12." in n.name]
+    assert len(picked) == 4  # attention in / out, MLP in / out of one middle layer
+    for node in picked:
+        w, h = numpy_helper.to_array(inits[node.input[1]]).T, hessians[node.input[0]]
+        importance = hessians.importance(node.input[0])
+        e = {name: R.output_error(w, q, h) for name, q in (
+            ("rtn4", R.round_to_nearest(w, 4, symmetric=False)), ("searched4", R.searched(w, 4, importance=importance)),
+            ("gptq4", R.gptq(w, h, 4, act_order=True)), ("rtn8", R.round_to_nearest(w, 8)),
+            ("searched8", R.searched(w, 8, 64, symmetric=True, importance=importance)))}
+        assert e["gptq4"] < e["searched4"] < e["rtn4"], (node.name, e)
+        assert e["searched8"] < e["rtn8"], (node.name, e)
