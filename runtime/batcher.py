@@ -33,7 +33,8 @@ import numpy as np
 from gptedge.errors import ContextLengthError, GptEdgeError, UsageError
 from gptedge.runtime.decoding import Decoding, GenerationResult, Step
 from gptedge.runtime.engine import Engine, KVCache
-from gptedge.runtime.generator import KV_ROUNDING, PREFILL_CHUNK, kv_capacity
+from gptedge.runtime.generator import KV_ROUNDING, kv_capacity, prefill_runs
+from gptedge.runtime.prefix import PrefixStore
 
 log = logging.getLogger("gptedge.runtime")
 
@@ -56,6 +57,7 @@ class BatchRequest:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the KV row
     cache: KVCache | None = None  # private mode only: this request's own cache
+    cache_prompt: bool = True  # reuse a stored prompt prefix and store this prompt (the batcher's PrefixStore)
 
     def cancel(self) -> None:
         """Stop this sequence; its row is free by the batcher's next step."""
@@ -66,12 +68,13 @@ class Batcher:
     """Decodes up to `rows` sequences together on one engine (see the module docstring)."""
 
     def __init__(self, engine: Engine, rows: int = 4, kv_budget_mb: float = DEFAULT_KV_BUDGET_MB, max_queue: int = 64,
-                 pad_id: int = 0, name: str = "gptedge-batcher") -> None:
+                 pad_id: int = 0, name: str = "gptedge-batcher", store: PrefixStore | None = None) -> None:
         if not isinstance(rows, int) or rows < 1:
             raise UsageError(f"rows (--parallel) must be an integer >= 1, got {rows!r}")
         if not kv_budget_mb > 0:
             raise UsageError(f"the KV budget must be > 0 MB, got {kv_budget_mb!r}")
         self.engine = engine
+        self.store = store  # prompts' keys and values shared with the model (gptedge.runtime.prefix)
         self.shared = engine.shares_host_rows
         self.rows = rows if self.shared else 1
         context = engine.arch.context_length
@@ -99,7 +102,8 @@ class Batcher:
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, seq: Decoding, on_step: Callable[[Step], None],
-               on_done: Callable[[GenerationResult | None, BaseException | None], None]) -> BatchRequest:
+               on_done: Callable[[GenerationResult | None, BaseException | None], None],
+               cache_prompt: bool = True) -> BatchRequest:
         """Queue a sequence; raises ContextLengthError if it can never fit a row, QueueFull if the queue is full."""
         if seq.positions_needed > self.capacity:
             raise ContextLengthError(
@@ -108,7 +112,7 @@ class Batcher:
                 + ("" if self.capacity == self.engine.arch.context_length else
                    " (raise --kv-budget-mb or lower --parallel for longer ones)")
             )
-        request = BatchRequest(seq, on_step, on_done)
+        request = BatchRequest(seq, on_step, on_done, cache_prompt=cache_prompt)
         with self._wake:
             if self._closed:
                 raise QueueFull("the server is shutting down")
@@ -167,6 +171,13 @@ class Batcher:
             self._lengths[slot] = 0
             if not self.shared:
                 request.cache = self.engine.new_cache(1, kv_capacity(request.seq.positions_needed, self.capacity))
+            if self.store is not None and request.cache_prompt:
+                cache = self._row_cache(request)
+                if cache.reusable:
+                    n, kv = self.store.lookup(request.seq.prompt_ids)
+                    if n:
+                        cache.load_prefix(kv, n)
+                        request.prefilled = n
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._slots if r is not None and r.cancelled.is_set()]:
@@ -183,11 +194,13 @@ class Batcher:
             return
         request = min(pending, key=lambda r: r.seq.start)
         prompt = request.seq.prompt_ids
-        chunk = prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
+        start, stop = prefill_runs(request.prefilled, len(prompt))[0]
         cache = self._row_cache(request)
-        logits = self.engine.forward(cache, np.asarray(chunk, np.int64)[None, :])[0, -1]
-        request.prefilled += len(chunk)
+        logits = self.engine.forward(cache, np.asarray(prompt[start:stop], np.int64)[None, :])[0, -1]
+        request.prefilled = stop
         if request.prefilled == len(prompt):
+            if self.store is not None and request.cache_prompt and cache.reusable:
+                self.store.save(prompt, cache.prefix(len(prompt)))
             self._advance(request, logits)
 
     def _decode_step(self) -> None:

@@ -32,7 +32,7 @@ from gptedge.runtime.detokenizer import token_count
 from gptedge.runtime.engine import Engine, KVCache
 from gptedge.runtime.generator import decode_step, kv_capacity, prefill
 from gptedge.runtime.sampling import sample_next, token_distribution
-from gptedge.runtime.speculative import MAX_PROPOSALS, Pacer, rewind, stream_speculative
+from gptedge.runtime.speculative import MAX_PROPOSALS, Pacer, stream_speculative
 
 if TYPE_CHECKING:  # pragma: no cover - model.py imports this module
     from gptedge.runtime.model import Model
@@ -115,7 +115,7 @@ class DraftProposer:
     def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
         if proposed:
             # The cache holds the history, then the proposals but the last; keep the accepted ones.
-            rewind(self.cache, int(self.cache.lengths[0]) - (self.base + min(accepted, proposed - 1)))
+            self.cache.rewind(int(self.cache.lengths[0]) - (self.base + min(accepted, proposed - 1)))
             seconds -= self.catch_up_s
         self.pacer.record(proposed, accepted, committed, seconds)
 
@@ -126,7 +126,7 @@ class DraftProposer:
 
 
 def stream_draft(engine: Engine, seq: Decoding, draft: Engine, *, cost: float = 1.0, fallback: bool = True,
-                 cancel=None, on_token: Callable[[int], None] | None = None,
+                 cancel=None, on_token: Callable[[int], None] | None = None, store=None,
                  max_proposals: int = MAX_PROPOSALS) -> Iterator[str]:
     """`stream_tokens` with `draft`'s proposals verified in multi-token steps; `cost` is a draft step in model
     steps (`step_cost_ratio`), `fallback=False` proposes at every step whether it pays or not. Raises
@@ -134,4 +134,5 @@ def stream_draft(engine: Engine, seq: Decoding, draft: Engine, *, cost: float = 
     check_context(draft.arch.context_length, seq.positions_needed)
     timed = seq.params.greedy or seq.params.seed is None
     pacer = Pacer(cost, timed, fallback, max_proposals)
-    return stream_speculative(engine, seq, DraftProposer(draft, seq, pacer), cancel=cancel, on_token=on_token)
+    return stream_speculative(engine, seq, DraftProposer(draft, seq, pacer), cancel=cancel, on_token=on_token,
+                              store=store)

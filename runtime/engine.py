@@ -62,6 +62,44 @@ class KVCache:
     logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
     bound: dict[tuple[int, int], BoundStep] = field(default_factory=dict)  # "inplace": `Engine._bound_step`'s
     bound_key: tuple[int, int] | None = None  # the (S, K) whose buffers `binding` holds now (None: re-bind)
+    host: list[np.ndarray] | None = None  # "inplace" on the CPU: the numpy arrays `values` wrap (same memory)
+
+    # The operations every loop needs, one implementation per kind of cache (in place on the host, in place on
+    # a device, concatenated).
+    @property
+    def reusable(self) -> bool:
+        """Whether stored positions can be read out and written in (host memory: in place on the CPU, concat)."""
+        return self.host is not None or self.valid is not None
+
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` positions of a batch-1 cache: by length in place (stale positions are masked);
+        a concat cache also drops them from its arrays, which its attention mask would read."""
+        if n <= 0:
+            return
+        self.lengths -= n
+        if self.valid is not None:
+            keep = int(self.lengths[0])
+            self.values = [v[:, :, :keep] for v in self.values]
+            self.valid = self.valid[:, :keep]
+
+    def prefix(self, n: int) -> list[np.ndarray]:
+        """Row 0's first `n` positions, per past input [n_kv_head, n, head_dim] (views: copy to keep them)."""
+        arrays = self.host if self.host is not None else self.values
+        if not self.reusable:
+            raise UsageError("this cache lives on a device: its positions cannot be read out")
+        return [a[0, :, :n] for a in arrays]
+
+    def load_prefix(self, kv: list[np.ndarray], n: int) -> None:
+        """Make row 0 hold `n` stored positions (per past input [n_kv_head, >= n, head_dim]) and nothing else."""
+        if self.host is not None:
+            for array, stored in zip(self.host, kv):
+                array[0, :, :n] = stored[:, :n]
+        elif self.valid is not None:
+            self.values = [np.ascontiguousarray(stored[None, :, :n]) for stored in kv]
+            self.valid = np.ones((1, n), np.int64)
+        else:
+            raise UsageError("this cache lives on a device: stored positions cannot be written into it")
+        self.lengths[0] = n
 
 
 def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +159,12 @@ class Engine:
         )
 
     def _allocate_inplace(self, batch: int, capacity: int) -> KVCache:
+        """Buffers on the KV device; on the CPU, numpy arrays the OrtValues wrap, so positions can be read out and
+        written in (prefix reuse) without a copy of the whole buffer."""
         shape = [batch, self.arch.n_kv_head, capacity, self.arch.head_dim]
+        if self.device == "cpu":
+            return self.cache_over([np.zeros(shape, self.kv_dtype) for _ in self.past_names],
+                                   np.zeros(batch, np.int64), check=False)
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
                   for _ in self.past_names]
         binding = self.session.io_binding()
@@ -132,6 +175,12 @@ class Engine:
                        binding=binding)
 
     @property
+    def kv_device_is_host(self) -> bool:
+        """KV positions live in host memory (in place on the CPU, or concatenated): they can be read out and
+        written in (prefix reuse)."""
+        return self.device == "cpu"
+
+    @property
     def shares_host_rows(self) -> bool:
         """True when KV buffers can be host arrays whose row ranges are bound as caches (`cache_over`).
 
@@ -140,13 +189,13 @@ class Engine:
         """
         return self.inplace and self.device == "cpu"
 
-    def cache_over(self, arrays: list[np.ndarray], lengths: np.ndarray) -> KVCache:
+    def cache_over(self, arrays: list[np.ndarray], lengths: np.ndarray, check: bool = True) -> KVCache:
         """An in-place cache over caller-owned host arrays [B, n_kv_head, capacity, head_dim] (views are fine).
 
         `lengths` is used as is (a view of the caller's array stays in sync). The arrays must stay
         alive and C-contiguous while the cache is used; onnxruntime writes the new keys into them.
         """
-        if not self.shares_host_rows:
+        if check and not self.shares_host_rows:
             raise UsageError("cache_over needs an in-place graph running on the CPU")
         batch, _, capacity, _ = arrays[0].shape
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
@@ -154,7 +203,7 @@ class Engine:
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        return KVCache(batch=batch, capacity=capacity, lengths=lengths, values=values, binding=binding)
+        return KVCache(batch=batch, capacity=capacity, lengths=lengths, values=values, binding=binding, host=arrays)
 
     @property
     def bytes_per_position(self) -> int:

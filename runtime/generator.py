@@ -16,6 +16,7 @@ import numpy as np
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.decoding import CancelToken, Decoding, GenerationResult, Step, Timings
 from gptedge.runtime.engine import Engine, KVCache, right_pad
+from gptedge.runtime.prefix import PrefixStore
 
 __all__ = ["CancelToken", "Decoding", "GenerationResult", "Timings", "generate_rows", "prefill", "stream_tokens"]
 
@@ -29,20 +30,44 @@ def kv_capacity(needed: int, context: int, multiple: int = KV_ROUNDING) -> int:
     return min(context, -(-needed // multiple) * multiple)
 
 
-def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run the prompt in runs of at most `chunk` tokens; logits row [V] for the next token.
+def prefill_runs(start: int, end: int, chunk: int = PREFILL_CHUNK) -> list[tuple[int, int]]:
+    """Runs of at most `chunk` tokens covering positions start..end-1, none of one token unless only one is left.
+
+    onnxruntime computes a token's keys, values and logits identically in any run of two or more tokens, but
+    a one-token run takes other kernels and comes out in other last bits: so a prompt prefilled from a stored
+    prefix (gptedge.runtime.prefix) gives exactly the cold run's output only if neither run has single tokens.
+    """
+    runs = [(s, min(s + chunk, end)) for s in range(start, end, chunk)]
+    if len(runs) > 1 and runs[-1][1] - runs[-1][0] == 1 and runs[-2][1] - runs[-2][0] >= 3:
+        (a, b), (_, c) = runs[-2], runs[-1]  # a last run of one token: it takes one from the run before
+        runs[-2:] = [(a, b - 1), (b - 1, c)]
+    return runs
+
+
+def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: int = PREFILL_CHUNK,
+            store: PrefixStore | None = None) -> np.ndarray:
+    """Prefill the prompt in runs of at most `chunk` tokens (prefill_runs); logits row [V] for the next token.
 
     One run per chunk keeps the activations of a long prompt bounded (the peak memory and time of a
     900-token prompt both ways are in benchmarks/results/runtime-choices.json): each chunk is still a
     large matrix product. Batch 1 only: GroupQueryAttention refuses several new tokens per row on a
-    non-empty cache when batch > 1.
+    non-empty cache when batch > 1. `store`: reuse the longest stored prefix of the prompt (the cache must be
+    empty) and store this prompt's keys and values for later ones.
     """
     ids = np.asarray(prompt_ids, np.int64)[None, :]
     n = ids.shape[1]
-    last = (n - 1) % chunk + 1  # the final run holds 1..chunk tokens; the ones before are full chunks
-    for start in range(0, n - last, chunk):
-        engine.forward(cache, ids[:, start:start + chunk])
-    return engine.forward(cache, ids[:, n - last:])[0, -1]
+    reuse = store is not None and cache.reusable and int(cache.lengths[0]) == 0
+    done = 0
+    if reuse:
+        done, kv = store.lookup(ids[0])
+        if done:
+            cache.load_prefix(kv, done)
+    logits = None
+    for start, stop in prefill_runs(done, n, chunk):
+        logits = engine.forward(cache, ids[:, start:stop])
+    if reuse:
+        store.save(ids[0], cache.prefix(n))
+    return logits[0, -1]
 
 
 def decode_step(engine: Engine, cache: KVCache, token_id: int) -> np.ndarray:
@@ -86,9 +111,10 @@ def drive(engine: Engine, seq: Decoding, steps: StepLoop,
         seq.finish()  # closed early: the result says "cancelled"
 
 
-def plain_steps(engine: Engine, cache: KVCache, seq: Decoding, cancel=None) -> Iterator[Step]:
-    """Prefill, then one token per engine step until the sequence is done or `cancel` is set."""
-    logits = prefill(engine, cache, seq.prompt_ids)
+def plain_steps(engine: Engine, cache: KVCache, seq: Decoding, cancel=None,
+                store: PrefixStore | None = None) -> Iterator[Step]:
+    """Prefill (reusing `store`), then one token per engine step until the sequence is done or `cancel` is set."""
+    logits = prefill(engine, cache, seq.prompt_ids, store=store)
     while not _cancelled(cancel):
         step = seq.advance(logits)
         yield step
@@ -103,6 +129,7 @@ def stream_tokens(
     *,
     cancel=None,
     on_token: Callable[[int], None] | None = None,
+    store: PrefixStore | None = None,
 ) -> Iterator[str]:
     """Yield the text pieces of one generation; when it ends, `seq.result` holds its GenerationResult.
 
@@ -110,7 +137,7 @@ def stream_tokens(
     for callers that need ids or per-token timing rather than text. Closing the iterator early (or
     setting `cancel`) ends the generation with finish_reason "cancelled" (see `drive`).
     """
-    return drive(engine, seq, lambda cache: plain_steps(engine, cache, seq, cancel), on_token)
+    return drive(engine, seq, lambda cache: plain_steps(engine, cache, seq, cancel, store), on_token)
 
 
 # -- a batch ---------------------------------------------------------------------------------------------

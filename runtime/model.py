@@ -33,6 +33,7 @@ from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import check_prompt_ids, generate_rows, stream_tokens
 from gptedge.runtime.loading import load_tokenizer, make_engine, read_verified_spec
 from gptedge.runtime.onnx_scan import scan_graph
+from gptedge.runtime.prefix import PrefixStore
 from gptedge.runtime.providers import (
     PROVIDERS,
     SessionInfo,
@@ -48,6 +49,8 @@ log = logging.getLogger("gptedge.runtime")
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 TRUNCATE_MODES = (None, "left")
+# RAM for recent prompts' keys and values: a 1,000-token system prompt of SmolLM2-135M's shape is ~46 MB in fp32
+DEFAULT_PREFIX_CACHE_MB = 256
 
 
 class Stream:
@@ -85,8 +88,11 @@ class Model:
     """A loaded bundle (or Optimum decoder folder) and everything needed to run it."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, spec: BundleSpec, folder: Path, info: SessionInfo,
-                 load_s: float) -> None:
+                 load_s: float, prefix_store: PrefixStore | None = None) -> None:
         self.engine = engine
+        # Recent prompts' keys and values, so a prompt sharing a prefix with one before prefills only the rest
+        # (gptedge.runtime.prefix; None: off, or a cache on a device that cannot be read out)
+        self.prefix_store = prefix_store
         self.tokenizer = tokenizer
         self.spec = spec
         self.folder = folder
@@ -104,6 +110,7 @@ class Model:
         verify: bool = True,
         cache: bool = True,
         spin: bool | None = None,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> "Model":
         """Load a bundle folder written by `gptedge export` / `gptedge quantize`,
         or a Hugging Face Optimum decoder folder.
@@ -123,10 +130,16 @@ class Model:
         spin: let onnxruntime's threads spin between steps instead of sleeping (default: $GPTEDGE_SPIN, else
           off). Faster on cores nothing else needs, much slower when they are shared
           (benchmarks/results/runtime-choices.json): for servers and benchmarks, not for apps.
+        prefix_cache_mb: RAM for the keys and values of recent prompts (gptedge.runtime.prefix): a prompt that
+          starts like an earlier one (a system prompt, a conversation's history) prefills only what is new, with
+          exactly the output of a cold run. 0 turns it off.
         Raises BundleError (missing, tampered, unsafe, unknown format), UsageError (bad argument),
         ProviderError (the provider cannot run the graph).
         """
         start = time.perf_counter()
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or not (
+                prefix_cache_mb >= 0):
+            raise UsageError(f"prefix_cache_mb must be a number of megabytes >= 0, got {prefix_cache_mb!r}")
         spin = spin_default() if spin is None else spin
         if not isinstance(spin, bool):
             raise UsageError(f"spin must be True, False or None, got {spin!r}")
@@ -150,7 +163,8 @@ class Model:
         key = cache_key(spec, folder, choice.name) if cache else None
         session, info = create_session(model_path, choice, threads, key, spin)
         engine = make_engine(session, spec, info.choice)
-        return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
+        store = PrefixStore(int(prefix_cache_mb * 2**20)) if prefix_cache_mb and engine.kv_device_is_host else None
+        return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start, store)
 
     # -- basics ----------------------------------------------------------------------------------------
     @property
@@ -260,6 +274,7 @@ class Model:
         cancel=None,
         on_token: Callable[[int], None] | None = None,
         speculative: Speculative = None,
+        cache_prompt: bool = True,
         **sampling: Any,
     ) -> Stream:
         """Yield text pieces as they are generated; they never split a UTF-8 character.
@@ -277,12 +292,15 @@ class Model:
         draft model that proposes (faster when it is much smaller and often agrees; decoding falls back to
         plain steps while it does not pay). See gptedge.runtime.speculative and gptedge.runtime.draft;
         `result.timings.proposed` / `accepted` say how it went.
+        `cache_prompt=False`: neither reuse a stored prompt prefix nor store this prompt (the model's
+        prefix_store, see `Model.load`).
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
         seq = Decoding(self.tokenizer, ids, p, length_reason=reason)
         loop = self._decode_loop(speculative, seq)
-        return Stream(loop(cancel=cancel, on_token=on_token), seq)
+        store = self.prefix_store if cache_prompt else None
+        return Stream(loop(cancel=cancel, on_token=on_token, store=store), seq)
 
     def _decode_loop(self, speculative: Speculative, seq: Decoding) -> Callable[..., Iterator[str]]:
         """The loop `speculative` asks for, over `seq`; a draft's tokenizer is checked here, its context when the
@@ -308,10 +326,12 @@ class Model:
         truncate: str | None = None,
         cancel=None,
         speculative: Speculative = None,
+        cache_prompt: bool = True,
         **sampling: Any,
     ) -> GenerationResult:
         """Generate a completion of `prompt` (same arguments as `stream`)."""
-        stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, speculative=speculative, **sampling)
+        stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, speculative=speculative,
+                             cache_prompt=cache_prompt, **sampling)
         for _ in stream:
             pass
         return stream.result  # type: ignore[return-value]

@@ -37,6 +37,7 @@ import numpy as np
 from gptedge.runtime.decoding import Decoding, Step
 from gptedge.runtime.engine import Engine, KVCache
 from gptedge.runtime.generator import _cancelled, drive, prefill
+from gptedge.runtime.prefix import PrefixStore
 from gptedge.runtime.sampling import TokenDistribution
 
 MAX_NGRAM = 4  # longest suffix looked up; longer matches are rarer and rarely better
@@ -240,21 +241,11 @@ def adapt_length(k: int, proposed: int, accepted: int, max_proposals: int) -> in
     return min(max_proposals, 2 * k) if accepted == proposed else max(1, accepted)
 
 
-def rewind(cache: KVCache, n: int) -> None:
-    """Forget the last `n` positions of a batch-1 cache: by length in place (stale positions are masked);
-    a concat cache (Optimum folders) also drops them from its arrays, which its attention mask would read."""
-    if n <= 0:
-        return
-    cache.lengths -= n
-    if cache.valid is not None:
-        keep = int(cache.lengths[0])
-        cache.values = [v[:, :, :keep] for v in cache.values]
-        cache.valid = cache.valid[:, :keep]
-
-
-def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Proposer, cancel=None) -> Iterator[Step]:
-    """Prefill, then steps of the pending token + the proposer's guesses, each row chosen by `verify_row`."""
-    rows = prefill(engine, cache, seq.prompt_ids)[None, :]  # [1, V]: the row for the first new token
+def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Proposer, cancel=None,
+                 store: PrefixStore | None = None) -> Iterator[Step]:
+    """Prefill (reusing `store`), then steps of the pending token + the proposer's guesses, each row chosen by
+    `verify_row`."""
+    rows = prefill(engine, cache, seq.prompt_ids, store=store)[None, :]  # [1, V]: the row for the first new token
     proposals: list[int] = []
     qs: list[np.ndarray] | None = None
     started = None  # when the current step's proposing began (None: the prefill, not a step to report)
@@ -277,7 +268,7 @@ def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Propos
                 accepted += 1
             seq.timings.proposed += len(proposals)
             seq.timings.accepted += accepted
-            rewind(cache, len(proposals) - accepted)  # the rows after the first disagreement are stale
+            cache.rewind(len(proposals) - accepted)  # the rows after the first disagreement are stale
             if started is not None:
                 proposer.verified(len(proposals), accepted, committed, time.perf_counter() - started)
             if seq.done:
@@ -292,11 +283,12 @@ def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Propos
 
 
 def stream_speculative(engine: Engine, seq: Decoding, proposer: Proposer | None = None, *, cancel=None,
-                       on_token: Callable[[int], None] | None = None) -> Iterator[str]:
+                       on_token: Callable[[int], None] | None = None,
+                       store: PrefixStore | None = None) -> Iterator[str]:
     """`stream_tokens` with proposals (prompt lookup unless `proposer` is given) verified in multi-token steps.
 
     `seq.timings.proposed` / `accepted` count the proposals.
     """
     if proposer is None:  # paced by acceptance alone: a lookup is free, and timings of tiny steps are noise
         proposer = LookupProposer(Pacer(0.0, timed=False, pause=LOOKUP_PAUSE))
-    return drive(engine, seq, lambda cache: verify_steps(engine, cache, seq, proposer, cancel), on_token)
+    return drive(engine, seq, lambda cache: verify_steps(engine, cache, seq, proposer, cancel, store), on_token)

@@ -111,3 +111,19 @@ def test_rounding_recipes_on_real_weights_and_activations(tmp_path: Path) -> Non
             ("searched8", R.searched(w, 8, 64, symmetric=True, importance=importance)))}
         assert e["gptq4"] < e["searched4"] < e["rtn4"], (node.name, e)
         assert e["searched8"] < e["rtn8"], (node.name, e)
+
+
+def test_a_reused_system_prompt_answers_as_cold(bundle: Path) -> None:
+    """The real model behind a long system prompt: the second question reuses the first's prefix, and both answers
+    are the ones a cold run gives, token for token."""
+    from gptedge.quantize.texts import builtin_text
+    from gptedge.runtime.chat import fit_messages, template_for
+
+    model = Model.load(bundle)
+    template = template_for(model)
+    system = {"role": "system", "content": builtin_text()[0][:1500]}
+    prompts = [fit_messages(model, template, [system, {"role": "user", "content": q}], 24)
+               for q in ("What is 2+2?", "Name a color.")]
+    cold = [model.generate(p, max_new_tokens=24, temperature=0, cache_prompt=False).token_ids for p in prompts]
+    warm = [model.generate(p, max_new_tokens=24, temperature=0).token_ids for p in prompts]
+    assert warm == cold and model.prefix_store.hits == 1 and model.prefix_store.reused_tokens > 300

@@ -196,3 +196,14 @@ def test_info_shows_the_int8_cache(bundles) -> None:
     line = next(line for line in proc.stdout.splitlines() if line.startswith("kv cache"))
     assert "int8" in line and "per-channel scales" in line
     assert json.loads((bundles["llama"]["kv8"] / "gptedge.json").read_text())["kv_cache"]["dtype"] == "int8"
+
+
+def test_a_reused_prompt_prefix_gives_the_cold_tokens_with_an_int8_cache(bundles) -> None:
+    """Stored keys and values are the int8 cache's own bytes: a warm generation is the cold one."""
+    model = Model.load(bundles["llama"]["kv8"], provider="cpu", threads=1)
+    prompt = list(range(5, 45))
+    cold = model.generate(prompt + [50, 51, 52], max_new_tokens=16, temperature=0, cache_prompt=False).token_ids
+    model.generate(prompt + [60, 61], max_new_tokens=4, temperature=0)  # stores the shared prefix
+    warm = model.generate(prompt + [50, 51, 52], max_new_tokens=16, temperature=0)
+    assert model.prefix_store.hits == 1 and model.prefix_store.reused_tokens == len(prompt)
+    assert warm.token_ids == cold

@@ -71,6 +71,7 @@ class Plan:
     include_usage: bool
     logprobs: int | None  # None: not asked; else how many rivals per token
     n: int = 1  # choices per prompt: choice i answers prompt i // n
+    cache_prompt: bool = True  # reuse and store prompt prefixes (request field `cache_prompt`, as llama-server)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -149,8 +150,9 @@ def parse_common(body: Any, kind: str) -> dict[str, Any]:
         raise bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     if _get(body, "ignore_eos", (bool,), False, "true or false"):  # llama-server's and vLLM's extension
         sampling["stop_token_ids"] = ()
+    cache_prompt = _get(body, "cache_prompt", (bool,), True, "true or false")  # llama-server's name for it
     return {"model": model, "stream": stream, "include_usage": include_usage, "n": n, "sampling": sampling,
-            "max_tokens": max_tokens, "max_name": max_name, "stops": stops}
+            "max_tokens": max_tokens, "max_name": max_name, "stops": stops, "cache_prompt": cache_prompt}
 
 
 def parse_logprobs(body: dict, kind: str) -> int | None:
@@ -291,7 +293,7 @@ def build_plan(kind: str, body: Any, served) -> Plan:
                 raise usage_error(exc, common["max_name"]) from None
             choices.append(ChoicePlan(p_index * common["n"] + j, ids, params, reason, constraint))
     return Plan(kind, common["model"] or served.name, choices, common["stream"], common["include_usage"], logprobs,
-                n=common["n"])
+                n=common["n"], cache_prompt=common["cache_prompt"])
 
 
 # -- writing results -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from starlette.staticfiles import StaticFiles
 from gptedge.errors import ContextLengthError, GptEdgeError
 from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
 from gptedge.runtime.decoding import Decoding
+from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
 from gptedge.runtime.serve import api
 from gptedge.runtime.tokens import token_bytes
 
@@ -49,6 +50,7 @@ class ServeConfig:
     spin: bool | None = None  # onnxruntime thread spinning (Model.load's spin)
     parallel: int = 4
     kv_budget_mb: float = DEFAULT_KV_BUDGET_MB
+    cache_ram_mb: float = DEFAULT_PREFIX_CACHE_MB  # stored prompt prefixes per model (Model.load's prefix_cache_mb)
     max_queue: int = 64
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
@@ -95,10 +97,11 @@ class State:
         try:
             for name, path in self.config.bundles:
                 model = Model.load(path, provider=self.config.provider, threads=self.config.threads,
-                                   spin=self.config.spin)
+                                   spin=self.config.spin, prefix_cache_mb=self.config.cache_ram_mb)
                 pad = model.spec.special_tokens.get("pad_id", model.eos_id) or 0
                 batcher = Batcher(model.engine, rows=self.config.parallel, kv_budget_mb=self.config.kv_budget_mb,
-                                  max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}")
+                                  max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}",
+                                  store=model.prefix_store)
                 self.models[name] = Served(name, model, batcher)
                 log.info("gptedge serve: %s loaded (%s, %d rows of %d positions)", name, model.provider,
                          batcher.rows, batcher.capacity)
@@ -186,6 +189,7 @@ class Run:
                     lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, step, None, None)),
                     lambda result, error, i=c.index: loop.call_soon_threadsafe(
                         self.queue.put_nowait, (i, None, result, error)),
+                    cache_prompt=plan.cache_prompt,
                 ))
         except QueueFull as exc:
             self.cancel()

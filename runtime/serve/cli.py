@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--parallel", type=int, default=4, help="sequences decoded together per model (KV rows)")
     parser.add_argument("--kv-budget-mb", type=float, default=None,
                         help="KV memory the parallel sequences of a model share, in MB (default: 1024)")
+    parser.add_argument("--cache-ram-mb", type=float, default=None, metavar="MB",
+                        help="RAM per model for the keys and values of recent prompts, so a request that starts like "
+                             "an earlier one (a system prompt, a conversation) prefills only what is new, with the "
+                             "same output as without; a request's 'cache_prompt': false skips it; 0 turns it off "
+                             "(default: 256)")
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a free row before 503s")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser pages from this origin (repeatable; default: none)")
@@ -83,6 +88,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     import uvicorn  # a missing `serve` extra is reported by the dispatcher in one line
 
     from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB
+    from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
     from gptedge.runtime.serve.app import ServeConfig, State, create_app
 
     bundles = parse_bundles(args.bundle)
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     config = ServeConfig(
         bundles=bundles, provider=args.provider, threads=args.threads, spin=args.spin, parallel=args.parallel,
         kv_budget_mb=DEFAULT_KV_BUDGET_MB if args.kv_budget_mb is None else args.kv_budget_mb, max_queue=args.queue,
+        cache_ram_mb=DEFAULT_PREFIX_CACHE_MB if args.cache_ram_mb is None else args.cache_ram_mb,
         api_key=args.api_key or None, cors_origins=args.cors_origin, max_body_bytes=int(args.max_body_mb * 2**20),
     )
     if not _is_loopback(args.host) and not config.api_key:
