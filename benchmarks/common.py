@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: the workload, model folders, and process measurements.
 
-The workload follows ../shared/reference/peer-benchmark.md so that rows are
+The workload follows the peer measurements the project started from, so that rows are
 comparable with the peers measured there: batch 1, a 128-token prompt of random
 ids from numpy.random.default_rng(0), exactly 128 new greedy tokens (EOS
 ignored), 2 intra-op threads everywhere, each row in a fresh process.

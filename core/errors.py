@@ -14,7 +14,16 @@ class GptEdgeError(Exception):
 
 
 class UsageError(GptEdgeError, ValueError):
-    """An argument or option has a value gptedge cannot use (bad sampling value, empty prompt...)."""
+    """An argument or option has a value gptedge cannot use (bad sampling value, empty prompt...).
+
+    `field` names the argument the check is about (a SamplingParams field, "threads", "truncate", ...), set where
+    the check is made: the server answers with it as the OpenAI `param` and the command line names its option,
+    whatever the message's wording.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(GptEdgeError):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gptedge.runtime.traits import PROVIDER_NAMES
+
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("source", type=Path, metavar="SOURCE",
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "nothing is downloaded")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",
                         help="bundle folder to write (model.onnx, model.onnx.data, tokenizer.json, gptedge.json)")
-    parser.add_argument("--target", choices=("cpu", "cuda", "dml"), default="cpu",
+    parser.add_argument("--target", choices=PROVIDER_NAMES, default="cpu",
                         help="where the bundle will run: cpu, cuda (NVIDIA) or dml (DirectML on Windows GPUs)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
                         help="weight and activation precision (default: fp32 for cpu, fp16 for cuda and dml; "

@@ -302,7 +302,9 @@ def export_bundle(
                 add_genai(tmp, spec, ids)
         with log.stage("checksum", "writing gptedge.json (sha256 of every file)"):
             spec.provenance = {
-                "source": str(src.path),
+                # The source's name and its files' checksums identify it; its local path would ship the
+                # developer's folders inside every app that embeds the bundle.
+                "source": src.path.name,
                 **({"source_types": src.stored.types()} if src.stored is not None else {}),
                 "source_kind": src.kind,
                 "source_sha256": {f.name: sha256_file(f) for f in src.weight_files},

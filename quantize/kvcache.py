@@ -5,7 +5,7 @@ generation adds (12 layers x 2 x 12 heads x 64 x 4 bytes = 72 KB a position for 
 onnxruntime's CPU GroupQueryAttention takes an int8 cache in place (`k_quant_type` / `v_quant_type`,
 `kv_cache_bit_width` 8, static `k_scale` / `v_scale` inputs): it quantizes each new key as
 round(x / scale), saturating, and attends over the dequantized cache, in prefill too, so the quality
-gate's perplexity measures the cache as generation uses it (../shared/reference/families-serve-embed.md).
+gate's perplexity measures the cache as generation uses it (the op's schema in onnxruntime's ContribOperators.md).
 It is a quarter of the memory and, at position 900, faster than fp32 (same file).
 
 Scales are per channel (one per kv head x head dim, what PER_CHANNEL takes) and static, so they are

@@ -43,23 +43,15 @@ from gptedge.quantize.recipes import (
 )
 from gptedge.quantize.texts import MIN_EVAL_TOKENS, TextInput, Texts, load_texts, read_text
 from gptedge.runtime.bundle import MODEL_NAME, TOKENIZER_NAME, BundleSpec, read_spec, write_spec
+from gptedge.runtime.traits import TRAITS
 
 DEFAULT_MAX_PPL_INCREASE = 2.0  # percent, for recipes that do not set their own (recipes.Method.max_ppl_increase)
 ROUNDING_WINDOWS, ROUNDING_WINDOW_TOKENS = 128, 256  # calibration the rounding recipes read: 32,768 positions
 SCRATCH = ".scratch"  # candidates are built here, inside the output's temporary folder
 KV_CALIBRATION_TOKENS = 32_768  # calibration tokens the int8 cache's scales see (prefill only: cheap next to a gate)
 
-# The method `--method auto` picks per target, and why. CPU runs every recipe fused; which one decodes
-# fastest is measured by benchmarks/quantize_methods.py (benchmarks/results/quantize-methods.json: decode
-# and prefill speed, load time, memory and file size per recipe and variant); quality per recipe on the
-# trained demo model is the gate's table in benchmarks/results/peers-demo.md. CUDA / DirectML: MatMulNBits
-# is the INT8 recipe their providers run fused (runtime/traits.py: int8_kernels).
-AUTO: dict[str, tuple[str, str]] = {
-    "cpu": ("int8", "MatMulNBits INT8 decodes fastest on CPU (benchmarks/results/quantize-methods.json), and searched "
-                    "scales keep real models' quality at Q8_0's size (benchmarks/results/quantize-recipes.json)"),
-    "cuda": ("int8", "MatMulNBits is the one INT8 form with fused CUDA kernels; dynamic INT8 has none on CUDA"),
-    "dml": ("int8", "MatMulNBits is the one INT8 form DirectML runs fused (dequantize + GEMM)"),
-}
+# The method `--method auto` picks per target, and why: a provider fact (runtime/traits.py).
+AUTO: dict[str, tuple[str, str]] = {name: traits.auto_quantize for name, traits in TRAITS.items()}
 
 Log = Callable[[str], None]
 
@@ -155,7 +147,6 @@ def _recipe(spec: BundleSpec, method: str, log: Log) -> Method:
 def _kv_cache(spec: BundleSpec, kv_cache: str | None) -> str | None:
     """The KV cache dtype to build (None: keep the source's); refused before any work when the bundle cannot have it."""
     from gptedge.quantize.kvcache import QUANTIZED_KV_DTYPES
-    from gptedge.runtime.traits import TRAITS
 
     if kv_cache is None or kv_cache == spec.kv_cache.dtype:
         return None

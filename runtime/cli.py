@@ -120,22 +120,17 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-# The library's names in its messages -> this command line's options, so an error says what to type.
-CLI_NAMES = [
-    ("pass truncate='left'", "pass --truncate-left"), ("max_new_tokens", "--max-new-tokens"), ("top_p", "--top-p"),
-    ("top_k", "--top-k"), ("min_p", "--min-p"), ("repetition_penalty", "--repetition-penalty"),
-    ("presence_penalty", "--presence-penalty"), ("frequency_penalty", "--frequency-penalty"),
-    ("stop_strings", "--stop"), ("threads must be an integer >= 1 (or None for the physical core count)",
-                                 "--threads must be an integer >= 1"),
-    ("seed must be an integer >= 0 or None (random)", "--seed must be an integer >= 0"),
-    ("temperature must be", "--temperature must be"),
-]
+# The argument an error is about (UsageError.field, set where the check is made) -> this command's option for it
+OPTIONS = {"truncate": "--truncate-left", "max_new_tokens": "--max-new-tokens", "top_p": "--top-p",
+           "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
+           "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
+           "stop_strings": "--stop", "threads": "--threads", "seed": "--seed", "temperature": "--temperature"}
 
 
-def cli_message(message: str) -> str:
-    for library, option in CLI_NAMES:
-        message = message.replace(library, option)
-    return message
+def cli_message(exc: UsageError) -> str:
+    """The error's message and, when it is about an option of this command, the option to change."""
+    option = OPTIONS.get(exc.field or "")
+    return f"{exc} (option {option})" if option else str(exc)
 
 
 # -- dispatch -------------------------------------------------------------------------------------------------
@@ -148,7 +143,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             return {"generate": _generate, "chat": _chat, "next": _next, "eval": _eval, "info": _info,
                     "bench": _bench}[command](args)
         except UsageError as exc:
-            raise type(exc)(cli_message(str(exc))) from None
+            raise type(exc)(cli_message(exc), field=exc.field) from None
 
 
 def _load(args: argparse.Namespace, bundle: Path | None = None):

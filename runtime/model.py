@@ -243,7 +243,7 @@ class Model:
               truncate: str | None) -> tuple[list[int], SamplingParams, str]:
         """Fit prompt + max_new_tokens into the context: error, left-truncate, or (default budget) shorten."""
         if truncate not in TRUNCATE_MODES:
-            raise UsageError(f"truncate must be None or 'left', got {truncate!r}")
+            raise UsageError(f"truncate must be None or 'left', got {truncate!r}", field="truncate")
         context, n, m = self.context_length, len(ids), params.max_new_tokens
         if n + m <= context:
             return ids, params, "length"
@@ -256,8 +256,8 @@ class Model:
             return ids, replace(params, max_new_tokens=context - n), "context"
         raise ContextLengthError(
             f"the prompt ({n} tokens) + max_new_tokens ({m}) exceed the model's context of {context} tokens; "
-            "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens"
-        )
+            "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens",
+            field="truncate")
 
     def _prepare(self, prompt, params, truncate, overrides) -> tuple[list[int], SamplingParams, str]:
         p = self.sampling_params(params, **overrides)

@@ -167,7 +167,8 @@ def default_threads(model_path: Path) -> int | None:
 def session_options(choice: ProviderChoice, threads: int | None, spin: bool = False) -> ort.SessionOptions:
     """Options tuned for one-token-at-a-time decoding: sequential, intra-op threads = physical cores."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise UsageError(f"threads must be an integer >= 1 (or None for the physical core count), got {threads!r}")
+        raise UsageError(f"threads must be an integer >= 1 (or None for the physical core count), got {threads!r}",
+                         field="threads")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -113,32 +113,36 @@ class SamplingParams:
         """Raise UsageError naming the allowed values for the first bad field."""
         t = self.temperature
         if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise UsageError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+            raise UsageError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}",
+                             field="temperature")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
+            raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}", field="top_k")
         p = self.top_p
         if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}")
+            raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}", field="top_p")
         mp = self.min_p
         if not _is_real(mp) or math.isnan(mp) or not 0.0 <= mp < 1.0:
-            raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {mp!r}")
+            raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {mp!r}", field="min_p")
         r = self.repetition_penalty
         if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise UsageError(f"repetition_penalty must be a finite number > 0 (1 switches it off), got {r!r}")
+            raise UsageError(f"repetition_penalty must be a finite number > 0 (1 switches it off), got {r!r}",
+                             field="repetition_penalty")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not math.isfinite(v):
-                raise UsageError(f"{name} must be a finite number (0 switches it off), got {v!r}")
+                raise UsageError(f"{name} must be a finite number (0 switches it off), got {v!r}", field=name)
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+                             field="max_new_tokens")
         for i in self.stop_token_ids:
             if not _is_int(i) or i < 0:
-                raise UsageError(f"stop_token_ids must be non-negative integer token ids, got {i!r}")
+                raise UsageError(f"stop_token_ids must be non-negative integer token ids, got {i!r}",
+                                 field="stop_token_ids")
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
-                raise UsageError(f"stop_strings must be non-empty strings, got {s!r}")
+                raise UsageError(f"stop_strings must be non-empty strings, got {s!r}", field="stop_strings")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise UsageError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
+            raise UsageError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}", field="seed")
 
     @property
     def greedy(self) -> bool:

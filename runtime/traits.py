@@ -3,7 +3,7 @@
 Export (default dtype), quantization (which INT8 kernels exist, MatMulNBits settings), provider choice
 (GroupQueryAttention dtypes, install hints) and the runtime (where KV lives, serialized runs, memory
 pattern, the optimized-graph cache) look a fact up here instead of comparing provider names. The
-facts come from onnxruntime's kernel registrations (../shared/reference/export-quantize.md); a new
+facts come from onnxruntime's kernel registrations (its docs/ContribOperators.md and OperatorKernels.md); a new
 provider is a new row.
 
 No onnxruntime import: export and quantize read this table too.
@@ -24,7 +24,7 @@ class ProviderTraits:
     default_dtype: str  # what `gptedge export --target NAME` writes by default
     gqa_dtypes: tuple[str, ...]  # KV / activation dtypes its GroupQueryAttention kernel takes
     # Quantized KV cache dtypes its GroupQueryAttention takes in place with fp32 activations, as measured here
-    # (../shared/reference/gqa_kv_cache_check.py); unmeasured providers list none.
+    # (tests/test_kv_cache_int8.py runs it); unmeasured providers list none.
     quantized_kv: tuple[str, ...] = ()
     serialize_runs: bool = False  # one Run at a time per session (DirectML)
     memory_pattern: bool = True  # onnxruntime's memory-pattern optimization allowed (DirectML requires it off)
@@ -41,6 +41,8 @@ class ProviderTraits:
     # are rotated in the graph before the kernel, which is exact everywhere; CUDA's and DirectML's kernels are not
     # measured here, so they get the same rule.
     rotary_head_multiple: int = 16
+    # What `gptedge quantize --method auto` builds for a bundle of this target, and why (printed with the choice).
+    auto_quantize: tuple[str, str] = ("int8", "")
 
     def rotates_in_kernel(self, head_dim: int) -> bool:
         """Whether this provider's GroupQueryAttention can apply the rotary embedding to heads of `head_dim`."""
@@ -58,11 +60,15 @@ TRAITS: dict[str, ProviderTraits] = {
         default_dtype="fp32", gqa_dtypes=("fp32", "fp16"), quantized_kv=("int8",),
         int8_kernels={"weight": None, "dynamic": None, "static": None},
         matmul_nbits_accuracy=4, fused_gelu=True,
+        auto_quantize=("int8", "MatMulNBits INT8 decodes fastest on CPU (benchmarks/results/quantize-methods.json), "
+                               "and searched scales keep real models' quality at Q8_0's size "
+                               "(benchmarks/results/quantize-recipes.json)"),
     ),
     "cuda": ProviderTraits(
         name="cuda", ort_name="CUDAExecutionProvider",
         install_hint="install onnxruntime-gpu (and CUDA 12 + cuDNN 9) instead of onnxruntime", kv_device="cuda",
         default_dtype="fp16", gqa_dtypes=("fp16",), preload_nvidia_libraries=True, fused_gelu=True,
+        auto_quantize=("int8", "MatMulNBits is the one INT8 form with fused CUDA kernels; dynamic INT8 has none"),
         int8_kernels={"weight": None,
                       "dynamic": "onnxruntime's CUDA provider has no "
                                  "DynamicQuantizeLinear / DynamicQuantizeMatMul kernels",
@@ -77,10 +83,11 @@ TRAITS: dict[str, ProviderTraits] = {
                       "dynamic": "the dynamic recipe quantizes fp32 graphs for onnxruntime's CPU kernels",
                       "static": "DirectML's support for QDQ INT8 graphs is unverified"},
         matmul_nbits_whole_blocks=True, gather_block_quantized=False,
+        auto_quantize=("int8", "MatMulNBits is the one INT8 form DirectML runs fused (dequantize + GEMM)"),
     ),
 }
-PROVIDER_NAMES = tuple(TRAITS)  # in "auto" preference order reversed: CPU is the fallback, so it is listed first
-AUTO_ORDER = ("cuda", "dml")  # what "auto" tries before CPU
+PROVIDER_NAMES = tuple(TRAITS)  # the table's order; CPU, the fallback, first
+AUTO_ORDER = ("cuda", "dml")  # what the "auto" provider tries, in order, before CPU
 # Bundles written before gptedge.json recorded `quantization.kind` name only their recipe.
 LEGACY_QUANT_KINDS = {"int8-weight": "weight", "int4-weight": "weight", "int8-dynamic": "dynamic",
                       "int8-static": "static"}

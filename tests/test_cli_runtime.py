@@ -139,11 +139,11 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(capsys, monkeypatch, runti
         (["generate", "{missing}", "Hi"], "is not a bundle folder"),
         (["generate", "{bundle}", ""], "prompt is empty"),
         (["generate", "{bundle}", "Hi", "--temperature", "-1"], "temperature must be"),
-        (["generate", "{bundle}", "Hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-        (["generate", "{bundle}", "Hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["generate", "{bundle}", "Hi", "--top-k", "-3"], "--top-k must be"),
-        (["generate", "{bundle}", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be"),
-        (["generate", "{bundle}", "Hi", "--max-new-tokens", "400"], "or pass --truncate-left to keep"),
+        (["generate", "{bundle}", "Hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "{bundle}", "Hi", "--top-p", "0"], "(option --top-p)"),
+        (["generate", "{bundle}", "Hi", "--top-k", "-3"], "(option --top-k)"),
+        (["generate", "{bundle}", "Hi", "--max-new-tokens", "0"], "(option --max-new-tokens)"),
+        (["generate", "{bundle}", "Hi", "--max-new-tokens", "400"], "most recent tokens (option --truncate-left)"),
         (["generate", "{bundle}", "Hi", "--provider", "tpu"], "unknown provider 'tpu'"),
         (["generate", "{bundle}", "Hi", "--stop", ""], "non-empty"),
         (["next", "{bundle}", "Hi", "--top", "0"], "k must be"),
@@ -192,3 +192,17 @@ def test_prompt_escapes_mean_what_they_mean_in_stop(capsys, runtime_bundle: Path
                          "--max-new-tokens", "5", "--provider", "cpu")
     expected = runtime_model.generate("import os\nimport", temperature=0.0, max_new_tokens=5).text
     assert rc == 0 and out == expected + "\n"
+
+
+def test_an_error_names_its_option_whatever_its_wording(capsys, runtime_bundle: Path, monkeypatch) -> None:
+    """The option comes from the error's field, set where the check is made, not from the message's words."""
+    from gptedge.errors import UsageError
+    from gptedge.runtime.model import Model
+
+    def reworded(self, *args, **kwargs) -> None:
+        raise UsageError("a nucleus probability has to lie above zero and at most one", field="top_p")
+
+    monkeypatch.setattr(Model, "sampling_params", reworded)
+    rc, _, err = run_cli(capsys, "generate", str(runtime_bundle), "Hi")
+    assert rc != 0 and "(option --top-p)" in err and "nucleus" in err
+

@@ -384,3 +384,12 @@ def test_inplace_cpu_graph_uses_fused_kernels_and_concat_stays_standard(runtime_
     concat = export_bundle(runtime_checkpoint, tmp_path / "concat", kv="concat", progress=False)
     ops = {n.op_type for n in onnx.load(concat / "model.onnx", load_external_data=False).graph.node}
     assert not ops & {"FastGelu", "SkipLayerNormalization", "GroupQueryAttention"} and "Tanh" in ops
+
+
+def test_the_bundle_names_its_source_without_a_local_path(runtime_bundle, runtime_checkpoint) -> None:
+    from gptedge.runtime.bundle import read_spec
+
+    spec = read_spec(runtime_bundle)
+    text = (runtime_bundle / "gptedge.json").read_text(encoding="utf-8")
+    assert spec.provenance["source"] == runtime_checkpoint.name and spec.provenance["source_sha256"]
+    assert str(runtime_checkpoint.parent) not in text

@@ -224,14 +224,13 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
 
 
 def usage_error(exc: UsageError, max_name: str) -> ApiError:
-    """A SamplingParams UsageError as a 400 naming the request field its message starts with.
+    """A SamplingParams UsageError as a 400 naming the request field the failed check is about (`exc.field`).
 
     (Context limits are checked by build_plan itself, with their own error code.)
     """
-    message = str(exc).replace("max_new_tokens", max_name)
-    first = message.split(" ", 1)[0]
-    param = next((api for api, ours in SAMPLING_FIELDS.items() if ours == first), None)
-    return bad(message, param or (max_name if first == max_name else None))
+    fields = {**{ours: api for api, ours in SAMPLING_FIELDS.items()}, "max_new_tokens": max_name,
+              "stop_strings": "stop"}
+    return bad(str(exc), fields.get(exc.field or ""))
 
 
 def build_plan(kind: str, body: Any, served) -> Plan:
