@@ -44,7 +44,8 @@ def ort_session_options():
 def load_gptedge(artifact: Path, spin: bool = False, threads: int = THREADS) -> tuple[Stream, int, int]:
     from gptedge.runtime import Model
 
-    model = Model.load(artifact, provider="cpu", threads=threads, spin=spin)
+    # Every generation here is a cold prompt (the workload measures prefill): no stored prompt prefixes
+    model = Model.load(artifact, provider="cpu", threads=threads, spin=spin, prefix_cache_mb=0)
 
     def stream(ids: list[int], n: int) -> Iterable[int]:
         # Token ids with the time each was chosen (text pieces may hold back bytes of a character).

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import weakref
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -82,6 +82,15 @@ class Stream:
     @property
     def result(self) -> GenerationResult | None:
         return self._seq.result
+
+
+@dataclass
+class ChatReply:
+    """One assistant turn: its text, or (text None) the tool calls it makes; `result` is the generation."""
+
+    text: str | None
+    tool_calls: list[Any] | None  # gptedge.runtime.tools.ToolCall (name, arguments, id; .to_openai())
+    result: GenerationResult
 
 
 class Model:
@@ -275,6 +284,7 @@ class Model:
         on_token: Callable[[int], None] | None = None,
         speculative: Speculative = None,
         cache_prompt: bool = True,
+        constraint: Any = None,
         **sampling: Any,
     ) -> Stream:
         """Yield text pieces as they are generated; they never split a UTF-8 character.
@@ -293,11 +303,12 @@ class Model:
         plain steps while it does not pay). See gptedge.runtime.speculative and gptedge.runtime.draft;
         `result.timings.proposed` / `accepted` say how it went.
         `cache_prompt=False`: neither reuse a stored prompt prefix nor store this prompt (the model's
-        prefix_store, see `Model.load`).
+        prefix_store, see `Model.load`). `constraint`: a LogitsConstraint that masks each step's logits
+        (gptedge.runtime.structured: a JSON schema or a grammar), as `chat` uses for enforced tool calls.
         """
         _check_cancel(cancel)
         ids, p, reason = self._prepare(prompt, params, truncate, sampling)
-        seq = Decoding(self.tokenizer, ids, p, length_reason=reason)
+        seq = Decoding(self.tokenizer, ids, p, length_reason=reason, constraint=constraint)
         loop = self._decode_loop(speculative, seq)
         store = self.prefix_store if cache_prompt else None
         return Stream(loop(cancel=cancel, on_token=on_token, store=store), seq)
@@ -327,14 +338,55 @@ class Model:
         cancel=None,
         speculative: Speculative = None,
         cache_prompt: bool = True,
+        constraint: Any = None,
         **sampling: Any,
     ) -> GenerationResult:
         """Generate a completion of `prompt` (same arguments as `stream`)."""
         stream = self.stream(prompt, params, truncate=truncate, cancel=cancel, speculative=speculative,
-                             cache_prompt=cache_prompt, **sampling)
+                             cache_prompt=cache_prompt, constraint=constraint, **sampling)
         for _ in stream:
             pass
         return stream.result  # type: ignore[return-value]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        template: str | None = None,
+        **sampling: Any,
+    ) -> ChatReply:
+        """One assistant turn for `messages` ([{"role", "content"}], OpenAI's shape, tool calls and results too):
+        its text, or the tool calls it makes.
+
+        tools: OpenAI tool specs ({"type": "function", "function": {name, description, parameters}}), rendered
+          through the bundle's chat template (or `template`) as transformers renders them, in the call format the
+          template teaches (gptedge.runtime.tools). tool_choice: "auto" (default with tools), "none",
+          "required" or {"type": "function", "function": {"name": ...}}; the last two are enforced (only a
+          listed function with schema-valid arguments can be written), which needs llguidance (the serve extra).
+        """
+        from gptedge.runtime.chat import template_for
+        from gptedge.runtime.tools import conversation, plan_tools
+
+        chat_template = template_for(self, template)
+        plan, native = plan_tools(chat_template.source, None if tools is None else list(tools), tool_choice,
+                                  parallel_tool_calls)
+        rendered, extra = conversation(list(messages), plan.tools if plan else None,
+                                       plan.format if plan else None, native)
+        ids = self.encode(chat_template.render(rendered, **extra))
+        constraint = None
+        if plan is not None and plan.grammar is not None:
+            from gptedge.runtime.structured import GrammarFactory
+
+            constraint = GrammarFactory(self.tokenizer, self.stop_ids).lark(plan.grammar)
+        result = self.generate(ids, params, constraint=constraint,
+                               stop_strings=tuple(sampling.pop("stop_strings", ())) + chat_template.stop_strings,
+                               **sampling)
+        calls = plan.calls(result.text) if plan is not None else None
+        return ChatReply(None if calls else result.text, calls, result)
 
     def generate_batch(
         self,

@@ -66,6 +66,29 @@ class GrammarFactory:
         return JsonConstraint(matcher, token_count(self._tokenizer))
 
 
+    def lark(self, grammar_text: str) -> "JsonConstraint":
+        """A fresh constraint for one sequence from a Lark grammar (llguidance's dialect, `%json {schema}` inside)."""
+        ll = _llguidance()
+        grammar = _lark(grammar_text)
+        matcher = ll.LLMatcher(self._ll_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise UsageError(f"the grammar cannot be enforced: {matcher.get_error()}")
+        return JsonConstraint(matcher, token_count(self._tokenizer))
+
+
+@functools.lru_cache(maxsize=64)
+def _lark(text: str) -> str:
+    ll = _llguidance()
+    try:
+        grammar = ll.LLMatcher.grammar_from_lark(text)
+    except ValueError as exc:
+        raise UsageError(f"the grammar is not valid: {exc}") from None
+    error = ll.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise UsageError(f"the grammar cannot be enforced: {error}")
+    return grammar
+
+
 @functools.lru_cache(maxsize=64)
 def _grammar(schema_json: str) -> str:
     ll = _llguidance()

@@ -127,3 +127,43 @@ def test_a_reused_system_prompt_answers_as_cold(bundle: Path) -> None:
     cold = [model.generate(p, max_new_tokens=24, temperature=0, cache_prompt=False).token_ids for p in prompts]
     warm = [model.generate(p, max_new_tokens=24, temperature=0).token_ids for p in prompts]
     assert warm == cold and model.prefix_store.hits == 1 and model.prefix_store.reused_tokens > 300
+
+
+def test_the_real_model_calls_tools_through_the_openai_client(bundle: Path) -> None:
+    """SmolLM2-135M's template knows no tools: the generic format, calls enforced by tool_choice, valid against
+    each schema; after the tool's result the model answers in text; streamed calls assemble to the same calls."""
+    import jsonschema
+    import openai
+
+    from serve_util import live_server, wait_ready
+    from test_tools import ADD, SCHEMAS, WEATHER
+
+    with live_server(bundle, threads=None) as (url, _):
+        wait_ready(url, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        model = "tiny"  # serve_util names its model so
+        for question, choice in (("What is the weather in Paris, in celsius?", "required"),
+                                 ("Add 2 and 3.", {"type": "function", "function": {"name": "add"}})):
+            args = dict(model=model, messages=[{"role": "user", "content": question}], tools=[WEATHER, ADD],
+                        tool_choice=choice, temperature=0, max_tokens=120)
+            reply = client.chat.completions.create(**args)
+            calls = reply.choices[0].message.tool_calls
+            assert reply.choices[0].finish_reason == "tool_calls" and calls
+            for call in calls:
+                jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+            streamed = {}
+            for part in client.chat.completions.create(**args, stream=True):
+                for delta in (part.choices[0].delta.tool_calls or []) if part.choices else []:
+                    entry = streamed.setdefault(delta.index, ["", ""])
+                    entry[0] += delta.function.name or ""
+                    entry[1] += delta.function.arguments or ""
+            assert [(n, json.loads(a)) for n, a in streamed.values()] == \
+                [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+        call = calls[0]
+        follow = client.chat.completions.create(model=model, temperature=0, max_tokens=40, tools=[WEATHER, ADD],
+                                                tool_choice="none",
+                                                messages=[{"role": "user", "content": "Add 2 and 3."},
+                                                          {"role": "assistant", "content": None,
+                                                           "tool_calls": [call.model_dump()]},
+                                                          {"role": "tool", "tool_call_id": call.id, "content": "5"}])
+        assert follow.choices[0].message.content and follow.choices[0].finish_reason == "stop"

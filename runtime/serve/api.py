@@ -72,6 +72,7 @@ class Plan:
     logprobs: int | None  # None: not asked; else how many rivals per token
     n: int = 1  # choices per prompt: choice i answers prompt i // n
     cache_prompt: bool = True  # reuse and store prompt prefixes (request field `cache_prompt`, as llama-server)
+    tools: Any = None  # gptedge.runtime.tools.ToolPlan of a chat with tools: answers are parsed for calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -219,8 +220,31 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if content is None and m.get("role") == "assistant":
             content = ""
-        out.append({"role": m.get("role"), "content": content})
+        message = {"role": m.get("role"), "content": content}
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m.get("role") != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise bad(f"messages[{i}].tool_calls must be an assistant's list of "
+                          "{'id', 'type': 'function', 'function': {'name', 'arguments'}}", "messages")
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out
+
+
+def parse_tools(body: dict, template):
+    """The request's tools and tool_choice, checked (400s naming the field): (ToolPlan or None, native)."""
+    from gptedge.runtime.tools import plan_tools
+
+    parallel = _get(body, "parallel_tool_calls", (bool,), True, "true or false")
+    try:
+        return plan_tools(template.source, body.get("tools"), body.get("tool_choice"), parallel)
+    except UsageError as exc:
+        raise bad(str(exc), exc.field) from None
 
 
 def usage_error(exc: UsageError, max_name: str) -> ApiError:
@@ -244,19 +268,34 @@ def build_plan(kind: str, body: Any, served) -> Plan:
     constrained, schema = parse_response_format(body)
     model = served.model
     stops = common["stops"]
+    tool_plan = None
     if kind == "chat":
+        from gptedge.runtime import tools as T
         from gptedge.runtime.chat import check_messages
 
         messages = chat_messages(body)
+        tool_plan, native = parse_tools(body, served.template)
         try:
             check_messages(messages)
-            prompts = [model.encode(served.template.render(messages))]
+            rendered, extra = T.conversation(messages, tool_plan.tools if tool_plan else None,
+                                             tool_plan.format if tool_plan else T.HERMES, native)
+            prompts = [model.encode(served.template.render(rendered, **extra))]
         except UsageError as exc:
             raise bad(str(exc), "messages") from None
         stops = stops + served.template.stop_strings
     else:
         prompts = completion_prompts(body)
     constraint = None
+    if tool_plan is not None and tool_plan.choice != "auto":
+        if constrained:
+            raise bad("'response_format' and a required tool call cannot both shape the answer", "response_format")
+        grammar = tool_plan.grammar
+        try:
+            factory = served.grammar()
+            factory.lark(grammar)
+        except UsageError as exc:
+            raise bad(str(exc), "tools") from None
+        constraint = lambda: factory.lark(grammar)  # noqa: E731 - one fresh matcher per choice
     if constrained:
         try:
             factory = served.grammar()
@@ -292,7 +331,7 @@ def build_plan(kind: str, body: Any, served) -> Plan:
                 raise usage_error(exc, common["max_name"]) from None
             choices.append(ChoicePlan(p_index * common["n"] + j, ids, params, reason, constraint))
     return Plan(kind, common["model"] or served.name, choices, common["stream"], common["include_usage"], logprobs,
-                n=common["n"], cache_prompt=common["cache_prompt"])
+                n=common["n"], cache_prompt=common["cache_prompt"], tools=tool_plan)
 
 
 # -- writing results -------------------------------------------------------------------------------------
@@ -321,3 +360,12 @@ def logprobs_object(kind: str, entries: list[TokenLogprob], text_of: Callable[[i
 
 def finish_reason(result: GenerationResult) -> str:
     return FINISH[result.finish_reason]
+
+
+def assistant_message(plan: Plan, text: str) -> tuple[dict[str, Any], bool]:
+    """The chat answer as OpenAI's message: its tool calls when it makes any (True), else its text."""
+    if plan.tools is not None:
+        calls = plan.tools.calls(text)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}, True
+    return {"role": "assistant", "content": text}, False

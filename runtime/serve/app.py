@@ -243,7 +243,9 @@ async def _answer(request: Request, run: Run) -> JSONResponse:
         choice: dict[str, Any] = {"index": index, "finish_reason": api.finish_reason(r),
                                   "logprobs": _logprobs(run, r.logprobs) if plan.logprobs is not None else None}
         if plan.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": r.text}
+            choice["message"], called = api.assistant_message(plan, r.text)
+            if called:
+                choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = r.text
         choices.append(choice)
@@ -260,14 +262,15 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
     plan = run.plan
     kind = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
 
-    def chunk(index: int | None, text: str | None, finish: str | None, logprobs=None, first: bool = False) -> str:
+    def chunk(index: int | None, text: str | None, finish: str | None, logprobs=None, first: bool = False,
+              delta: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
                                 "system_fingerprint": "gptedge", "choices": []}
         if index is not None:
             c: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
             if plan.kind == "chat":
-                c["delta"] = ({"role": "assistant", "content": ""} if first
-                              else {} if text is None else {"content": text})
+                c["delta"] = delta if delta is not None else ({"role": "assistant", "content": ""} if first
+                                                              else {} if text is None else {"content": text})
             else:
                 c["text"] = text or ""
             body["choices"] = [c]
@@ -289,6 +292,8 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
                     err = api.ApiError(500, f"generation failed: {error}", "server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
                     return
+                if step is not None and plan.tools is not None:
+                    continue  # an answer that may be a call is sent whole, as calls or as text, when it ends
                 if step is not None:
                     lp = None
                     if plan.logprobs is not None and step.logprob is not None:
@@ -298,8 +303,12 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
                         sent[index] += step.text
                         yield chunk(index, step.text, None, lp)
                     continue
-                tail = result.text[len(sent[index]):]
                 completion += len(result.token_ids)
+                if plan.tools is not None:
+                    for piece in _tool_chunks(chunk, index, plan, result):
+                        yield piece
+                    continue
+                tail = result.text[len(sent[index]):]
                 yield chunk(index, tail if plan.kind != "chat" or tail else None, api.finish_reason(result))
             if plan.include_usage:
                 final = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
@@ -313,6 +322,23 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _tool_chunks(chunk, index: int, plan: api.Plan, result) -> list[str]:
+    """A finished answer of a request with tools, as OpenAI streams it: each call's index, id, type and name
+    first, then its arguments' text, then finish_reason "tool_calls"; or the text, when it makes no call."""
+    message, called = api.assistant_message(plan, result.text)
+    if not called:
+        return [chunk(index, result.text or None, api.finish_reason(result))]
+    out = []
+    for i, call in enumerate(message["tool_calls"]):
+        head = {"index": i, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        out.append(chunk(index, None, None, delta={"tool_calls": [head]}))
+        out.append(chunk(index, None, None, delta={"tool_calls": [
+            {"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
+    out.append(chunk(index, None, "tool_calls"))
+    return out
 
 
 # -- routes ------------------------------------------------------------------------------------------------
