@@ -378,7 +378,7 @@ class Model:
                                        plan.format if plan else None, native)
         ids = self.encode(chat_template.render(rendered, **extra))
         constraint = None
-        if plan is not None and plan.grammar is not None:
+        if plan is not None:
             from gptedge.runtime.structured import GrammarFactory
 
             constraint = GrammarFactory(self.tokenizer, self.stop_ids).lark(plan.grammar)
@@ -421,10 +421,10 @@ class Model:
             ids = ids[-self.context_length:]  # only the last `context` tokens can condition the next one
         cache = self.engine.new_cache(1, len(ids))
         try:
-            logits = self.engine.forward(cache, np.asarray(ids, np.int64)[None, :])[0, -1]
+            logits = self.engine.prefill(cache, np.asarray(ids, np.int64)[None, :])[0]
             probs = softmax(logits)
         finally:
-            self.engine.release(cache)
+            cache.release()
         k = min(k, probs.shape[0])
         top = np.argpartition(-probs, k - 1)[:k]
         top = top[np.lexsort((top, -probs[top]))]  # by probability, ties by id

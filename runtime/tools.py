@@ -8,8 +8,9 @@ Mistral `[TOOL_CALLS][{"name": ..., "arguments": ...}]`. A template that knows n
 gets the Hermes format, described in a system message (GENERIC_PROMPT), as llama-server does for such models.
 
 `tool_choice` "required" or a named function is enforced with llguidance: only a call of a listed function whose
-arguments are valid against its schema can be written (`call_grammar`). "auto" leaves the choice to the model:
-its answer is text unless it is a call in the template's format.
+arguments are valid against its schema can be written (`call_grammar`). "auto" leaves the choice to the model,
+text or calls, but a call it starts is held to the same grammar, so it cannot name an unknown function or write
+arguments its schema refuses.
 """
 
 from __future__ import annotations
@@ -139,16 +140,38 @@ def call_schema(tools: list[dict[str, Any]], fmt: Format, only: str | None = Non
     return {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON, no wandering in spaces
 
 
-def call_grammar(tools: list[dict[str, Any]], fmt: Format, only: str | None, parallel: bool) -> str:
-    """A Lark grammar (llguidance) that admits only calls in `fmt`: one, or several when `parallel`."""
+def call_grammar(tools: list[dict[str, Any]], fmt: Format, only: str | None, parallel: bool,
+                 free: bool = False) -> str:
+    """A Lark grammar (llguidance) that admits only calls in `fmt`: one, or several when `parallel`.
+
+    `free` ("auto"): the answer may also be text, any text but one that starts (after white space) the way a
+    call does; so a call the model starts is always a valid call of a listed function, and text is never cut.
+    The white space before a call belongs to its opening lexeme: llguidance's lexer does not go back over the
+    bytes of a text lexeme that dies at the opening's last character.
+    """
     schema = json.dumps(call_schema(tools, fmt, only))
+    first = "OPEN" if free and fmt.open else json.dumps(fmt.open)
     if fmt.as_list:
-        items = f"%json {schema}"
-        body = '"[" call ("," call)* "]"' if parallel else '"[" call "]"'
-        return f'start: {json.dumps(fmt.open)} {body}\ncall: {items}\n'
-    one = f'{json.dumps(fmt.open)} call {json.dumps(fmt.close)}' if fmt.open or fmt.close else "call"
-    rule = f'({one} "\\n")* {one}' if parallel else one
-    return f"start: {rule}\ncall: %json {schema}\n"
+        calls = f'{first} "[" call ("," call)* "]"' if parallel else f'{first} "[" call "]"'
+    else:
+        one = f'{json.dumps(fmt.open)} call {json.dumps(fmt.close)}' if fmt.open or fmt.close else "call"
+        head = f'{first} call {json.dumps(fmt.close)}' if fmt.open else "call"
+        calls = f'{head} ("\\n" {one})*' if parallel else head
+    grammar = f"calls: {calls}\ncall: %json {schema}\n"
+    if not free:
+        return "start: calls\n" + grammar
+    if fmt.open:
+        start, lexemes = "calls", f"OPEN: /[ \\t\\n]*{_regex(fmt.open)}/\n"
+    else:
+        start, lexemes = "SPACE? calls", "SPACE: /[ \\t\\n]+/\n"
+    opening = _regex(fmt.open.strip() or "{")
+    return (f"start: TEXT | {start}\n" + grammar + lexemes
+            + f"TEXT: /(.|\\n)+/ & ~/[ \\t\\n]*{opening}(.|\\n)*/\n")
+
+
+def _regex(text: str) -> str:
+    """`text` as a literal inside a Lark /regex/."""
+    return "".join("\\" + c if c in "\\/.^$*+?()[]{}|" else {"\n": "\\n", "\t": "\\t"}.get(c, c) for c in text)
 
 
 def parse_calls(text: str, fmt: Format, tools: list[dict[str, Any]]) -> list[ToolCall] | None:
@@ -248,12 +271,10 @@ class ToolPlan:
     parallel: bool = True
 
     @property
-    def grammar(self) -> str | None:
-        """The Lark grammar that enforces the choice (None for "auto": the model chooses)."""
-        if self.choice == "auto":
-            return None
-        return call_grammar(self.tools, self.format, None if self.choice == "required" else self.choice,
-                            self.parallel)
+    def grammar(self) -> str:
+        """The Lark grammar that enforces the choice ("auto": text, or calls that are valid)."""
+        only = None if self.choice in ("auto", "required") else self.choice
+        return call_grammar(self.tools, self.format, only, self.parallel, free=self.choice == "auto")
 
     def calls(self, text: str) -> list[ToolCall] | None:
         return parse_calls(text, self.format, self.tools)

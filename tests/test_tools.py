@@ -94,6 +94,40 @@ def test_a_template_without_tools_gets_the_generic_format() -> None:
     assert messages[3] == {"role": "user", "content": "<tool_response>\n3\n</tool_response>"}
 
 
+def _admits(factory, grammar: str, text: str, stop_id: int) -> bool:
+    """Whether the grammar lets `text` be written token by token and then end."""
+    import numpy as np
+
+    constraint = factory.lark(grammar)
+    for token in factory._tokenizer.encode(text, add_special_tokens=False).ids + [stop_id]:
+        logits = np.zeros(factory._tokenizer.get_vocab_size(), np.float32)
+        if constraint.mask(logits)[token] == -np.inf:
+            return False
+        if token != stop_id:
+            constraint.accept(token)
+    return True
+
+
+@pytest.mark.parametrize("fmt, call", [
+    (T.HERMES, '<tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>'),
+    (T.FORMATS[2], '{"name":"add","parameters":{"a":1,"b":2}}'),
+    (T.FORMATS[1], '[TOOL_CALLS][{"name":"add","arguments":{"a":1,"b":2}}]'),
+], ids=["hermes", "llama3", "mistral"])
+def test_auto_admits_text_or_valid_calls_only(runtime_model, fmt, call: str) -> None:
+    """tool_choice "auto": free text, or a call held to the schema once it starts; never a half-valid call."""
+    from gptedge.runtime.structured import GrammarFactory
+
+    factory = GrammarFactory(runtime_model.tokenizer, runtime_model.stop_ids)
+    stop = runtime_model.stop_ids[0]
+    tools = T.check_tools([WEATHER, ADD])
+    auto, required = T.call_grammar(tools, fmt, None, True, free=True), T.call_grammar(tools, fmt, None, True)
+    assert _admits(factory, auto, "The answer is 3.", stop) and not _admits(factory, required, "The answer is 3.", stop)
+    assert _admits(factory, auto, call, stop) and _admits(factory, auto, "\n" + call, stop)
+    assert not _admits(factory, auto, call.replace('"add"', '"subtract"'), stop)  # not a listed function
+    assert not _admits(factory, auto, call.replace('"b":2', '"b":200'), stop)  # against the schema
+    assert not _admits(factory, auto, call[:-1], stop)  # a call it started must be finished
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The tiny random model with room for the tools' descriptions (its tokenizer spends a token on a character
@@ -141,6 +175,20 @@ def test_enforced_calls_are_valid_streamed_or_not(server: str, choice) -> None:
     assert finish == "tool_calls"
     assert [(s["name"], json.loads(s["arguments"])) for s in streamed.values()] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+def test_auto_answers_text_or_valid_calls(server: str) -> None:
+    client = _client(server)
+    for seed in range(4):
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
+                                               tools=[WEATHER, ADD], tool_choice="auto", seed=seed, max_tokens=300)
+        choice = reply.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            for call in choice.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        else:
+            assert not choice.message.content.lstrip().startswith("<tool_call>")
 
 
 def test_bad_tools_are_400_and_the_server_keeps_serving(server: str) -> None:

@@ -286,9 +286,9 @@ def build_plan(kind: str, body: Any, served) -> Plan:
     else:
         prompts = completion_prompts(body)
     constraint = None
-    if tool_plan is not None and tool_plan.choice != "auto":
-        if constrained:
-            raise bad("'response_format' and a required tool call cannot both shape the answer", "response_format")
+    if tool_plan is not None and constrained and tool_plan.choice != "auto":
+        raise bad("'response_format' and a required tool call cannot both shape the answer", "response_format")
+    if tool_plan is not None and not constrained:  # "auto" with a response_format: the format shapes text answers
         grammar = tool_plan.grammar
         try:
             factory = served.grammar()
