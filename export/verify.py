@@ -74,9 +74,9 @@ def make_prompts(vocab_size: int, context: int, steps: int, token_ids: list[int]
 def run_chunk(engine, prompt: list[int], tokens: list[int]) -> np.ndarray:
     """Batch 1: prefill `prompt`, then all of `tokens` in one call; their logits [len(tokens), V]."""
     cache = engine.new_cache(1, len(prompt) + len(tokens))
-    engine.forward(cache, np.array([prompt], np.int64))
-    logits = engine.forward(cache, np.array([tokens], np.int64), None, np.arange(len(tokens), dtype=np.int64)[None])
-    engine.release(cache)
+    engine.prefill(cache, np.array([prompt], np.int64))
+    logits = engine.step(cache, np.array([tokens], np.int64), None, np.arange(len(tokens), dtype=np.int64)[None])
+    cache.release()
     return logits[0].astype(np.float32)
 
 

@@ -100,13 +100,13 @@ def calibrate(engine, windows: list[np.ndarray], halves: list[int],
         length = len(ids)
         cache = engine.new_cache(1, length)
         try:
-            engine.forward(cache, np.asarray(ids, np.int64)[None, :])
+            engine.prefill(cache, np.asarray(ids, np.int64)[None, :])
             for i, value in enumerate(cache.values):
                 stored = np.asarray(value.numpy()[0, :, :length, :], np.float64)  # [n_kv_head, length, head_dim]
                 magnitude = _pair_norm(stored, halves[i // 2]) if i % 2 == 0 else np.abs(stored)
                 np.maximum(peak[i], magnitude.max(axis=1), out=peak[i])
         finally:
-            engine.release(cache)
+            cache.release()
         tokens += length
         if on_window is not None:
             on_window()

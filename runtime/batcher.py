@@ -31,9 +31,10 @@ from typing import Callable
 import numpy as np
 
 from gptedge.errors import ContextLengthError, GptEdgeError, UsageError
+from gptedge.runtime.cache import KVCache
 from gptedge.runtime.decoding import Decoding, GenerationResult, Step
-from gptedge.runtime.engine import Engine, KVCache
-from gptedge.runtime.generator import KV_ROUNDING, kv_capacity, prefill_runs
+from gptedge.runtime.engine import Engine
+from gptedge.runtime.generator import KV_ROUNDING, PREFILL_CHUNK, kv_capacity, prefill_runs
 from gptedge.runtime.prefix import PrefixStore
 
 log = logging.getLogger("gptedge.runtime")
@@ -87,10 +88,8 @@ class Batcher:
             )
         self.max_queue = max_queue
         self.pad_id = pad_id
-        shape = (self.rows, engine.arch.n_kv_head, self.capacity, engine.arch.head_dim)
-        self._arrays = [np.zeros(shape, engine.kv_dtype) for _ in engine.past_names] if self.shared else []
-        self._lengths = np.zeros(self.rows, np.int64)
-        self._views: dict[tuple[int, int], KVCache] = {}
+        self._rows = engine.host_rows(self.rows, self.capacity) if self.shared else None
+        self._arrays = self._rows.arrays if self.shared else []  # the rows' memory (tests look at it)
         self._feeds: dict[int, np.ndarray] = {}  # the token array each batch size k is fed, reused
         self._slots: list[BatchRequest | None] = [None] * self.rows
         self._waiting: collections.deque[BatchRequest] = collections.deque()
@@ -168,8 +167,9 @@ class Batcher:
             slot = self._slots.index(None)
             self._slots[slot] = request
             request.slot = slot
-            self._lengths[slot] = 0
-            if not self.shared:
+            if self.shared:
+                self._rows.clear(slot)
+            else:
                 request.cache = self.engine.new_cache(1, kv_capacity(request.seq.positions_needed, self.capacity))
             if self.store is not None and request.cache_prompt:
                 cache = self._row_cache(request)
@@ -194,9 +194,9 @@ class Batcher:
             return
         request = min(pending, key=lambda r: r.seq.start)
         prompt = request.seq.prompt_ids
-        start, stop = prefill_runs(request.prefilled, len(prompt))[0]
+        start, stop = prefill_runs(request.prefilled, len(prompt), PREFILL_CHUNK)[0]
         cache = self._row_cache(request)
-        logits = self.engine.forward(cache, np.asarray(prompt[start:stop], np.int64)[None, :])[0, -1]
+        logits = self.engine.prefill(cache, np.asarray(prompt[start:stop], np.int64)[None, :])[0]
         request.prefilled = stop
         if request.prefilled == len(prompt):
             if self.store is not None and request.cache_prompt and cache.reusable:
@@ -212,17 +212,13 @@ class Batcher:
         feed = self._feeds.get(k)
         if feed is None:
             feed = self._feeds[k] = np.full((k, 1), self.pad_id, np.int64)
-        packed = len(running) == k  # every row in [0, k) decodes: the common case, nothing to restore
-        if not packed:
-            feed[:, 0] = self.pad_id
+        idle = np.ones(k, bool)
+        idle[running] = False  # rows in [0, k) not decoding: free, or mid-prefill
+        feed[idle, 0] = self.pad_id
         for s in running:
             feed[s, 0] = self._slots[s].seq.tokens[-1]
-        before = None if packed else cache.lengths.copy()
-        logits = self.engine.forward(cache, feed)[:, -1]
-        if not packed:
-            idle = np.ones(k, bool)
-            idle[running] = False
-            cache.lengths[idle] = before[idle]  # rows not decoding (free, or mid-prefill) keep their length
+        with cache.holding(idle):  # idle rows keep their length: their step writes a position nobody counts
+            logits = self.engine.decode(cache, feed)
         self.steps += 1
         for request, row in [(self._slots[s], logits[s]) for s in running]:  # rows may move as others finish
             self._advance(request, row)
@@ -240,9 +236,10 @@ class Batcher:
     def _end(self, slot: int, error: BaseException | None = None) -> None:
         request = self._slots[slot]
         self._slots[slot] = None
-        self._lengths[slot] = 0
+        if self.shared:
+            self._rows.clear(slot)
         if request.cache is not None:
-            self.engine.release(request.cache)
+            request.cache.release()
             request.cache = None
         result = request.seq.finish()[0]
         try:
@@ -259,24 +256,14 @@ class Batcher:
         if not occupied or max(occupied) < hole:
             return
         top = max(occupied)
-        n = int(self._lengths[top])
-        for a in self._arrays:
-            a[hole, :, :n] = a[top, :, :n]
-        self._lengths[hole] = n
-        self._lengths[top] = 0
+        self._rows.move(top, hole)
         request = self._slots[top]
         self._slots[hole], self._slots[top] = request, None
         request.slot = hole
 
     # -- caches ---------------------------------------------------------------------------------------
-    def _view(self, start: int, stop: int) -> KVCache:
-        key = (start, stop)
-        if key not in self._views:
-            self._views[key] = self.engine.cache_over([a[start:stop] for a in self._arrays], self._lengths[start:stop])
-        return self._views[key]
-
     def _row_cache(self, request: BatchRequest) -> KVCache:
-        return self._view(request.slot, request.slot + 1) if self.shared else request.cache
+        return self._rows.view(request.slot, request.slot + 1) if self.shared else request.cache
 
     def _rows_cache(self, k: int) -> KVCache:
-        return self._view(0, k) if self.shared else self._slots[0].cache
+        return self._rows.view(0, k) if self.shared else self._slots[0].cache

@@ -27,9 +27,10 @@ import numpy as np
 
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.bundle import Architecture
+from gptedge.runtime.cache import KVCache
 from gptedge.runtime.decoding import Decoding
 from gptedge.runtime.detokenizer import token_count
-from gptedge.runtime.engine import Engine, KVCache
+from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import decode_step, kv_capacity, prefill
 from gptedge.runtime.sampling import sample_next, token_distribution
 from gptedge.runtime.speculative import MAX_PROPOSALS, Pacer, stream_speculative
@@ -62,7 +63,7 @@ def check_context(context: int, needed: int) -> None:
     if needed > context:
         raise ContextLengthError(f"the request needs {needed} positions (prompt + max_new_tokens) and the draft "
                                  f"model's context holds {context}; lower max_new_tokens, shorten the prompt, or use "
-                                 "a draft with a longer context")
+                                 "a draft with a longer context", field="max_new_tokens")
 
 
 def step_cost_ratio(model: Architecture, draft: Architecture) -> float:
@@ -93,7 +94,7 @@ class DraftProposer:
         start = time.perf_counter()
         if self.cache is None:
             self.cache = self.engine.new_cache(1, self.capacity)
-        row = prefill(self.engine, self.cache, history[int(self.cache.lengths[0]):])
+        row = prefill(self.engine, self.cache, history[self.cache.length:])
         self.catch_up_s = time.perf_counter() - start  # the price of tokens decoded without the draft
         self.base = len(history)
         params, vocab = seq.params, seq.vocab
@@ -115,13 +116,13 @@ class DraftProposer:
     def verified(self, proposed: int, accepted: int, committed: int, seconds: float) -> None:
         if proposed:
             # The cache holds the history, then the proposals but the last; keep the accepted ones.
-            self.cache.rewind(int(self.cache.lengths[0]) - (self.base + min(accepted, proposed - 1)))
+            self.cache.rewind_to(self.base + min(accepted, proposed - 1))
             seconds -= self.catch_up_s
         self.pacer.record(proposed, accepted, committed, seconds)
 
     def close(self) -> None:
         if self.cache is not None:
-            self.engine.release(self.cache)
+            self.cache.release()
             self.cache = None
 
 

@@ -1,105 +1,34 @@
 """One forward step of an exported GPT: the bottom rung of the decoding ladder.
 
-`Engine.forward(cache, input_ids, lengths)` runs the graph once for a batch of
-right-padded rows and returns logits; everything above it (sampling, stop
-strings, streaming, batching, threads) lives elsewhere and never touches
-onnxruntime directly.
+The engine runs the graph once for a batch of right-padded rows and returns logits; everything above it
+(sampling, stop strings, streaming, batching, threads) lives elsewhere and never touches onnxruntime directly.
+Its steps are named by what the loops do with them:
 
-Two cache strategies, chosen by the bundle's `kv_cache.update`, never silently:
-- "inplace": one preallocated buffer per layer [B, n_kv_head, capacity, head_dim]
-  is bound as both past and present (GroupQueryAttention writes the new keys in
-  place), so a decode step copies nothing but the new token's keys. The buffers
-  live on the session's device (CUDA: IO binding keeps them there) and go back
-  to a pool when a generation ends, so later requests of the same size reuse them.
-- "concat": standard ops; present = past ++ new, fed back as numpy. Portable, and
-  what Hugging Face Optimum's decoder exports use, at an O(context) copy per step.
+- `prefill(cache, ids, lengths)`: new prompt tokens, logits of each row's last real one;
+- `decode(cache, tokens)`: one token per row (bound buffers on in-place caches: nothing allocated per step);
+- `verify(cache, ids)`: a batch-1 run of 1 + proposals tokens, logits at every position (speculative decoding);
+- `step(cache, ids, lengths, logits_index)`: the general step the others are cases of.
+
+The KV state is a `KVCache` (gptedge.runtime.cache): in place (buffers bound as past and present, pooled for
+the next request of the same size) or concatenated, as the bundle's `kv_cache.update` says.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
 from gptedge.errors import ContextLengthError, UsageError
 from gptedge.runtime.bundle import BundleSpec
+from gptedge.runtime.cache import BoundStep, ConcatKV, HostRows, InPlaceKV, KVCache
+
+__all__ = ["Engine", "KVCache", "right_pad"]
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}  # KV cache dtypes (bundle.KV_DTYPES)
 POOL_LIMIT = 4  # idle KV caches kept per (batch, capacity): a burst of concurrent requests must not pin memory forever
 BOUND_STEP_MAX = 16  # steps of up to this many tokens run on bound buffers: decode (1), verify (1 + proposals)
-
-
-@dataclass
-class BoundStep:
-    """The inputs of one step shape (S new tokens per row, logits at K positions), bound once and written in place.
-
-    `arrays` are host buffers `values` wrap without a copy; `offsets` is arange(S), each new token's place after
-    the row's stored length; `logits` is shared with the general path's steps of the same (B, K).
-    """
-
-    arrays: dict[str, np.ndarray]
-    values: dict[str, ort.OrtValue]
-    offsets: np.ndarray
-    logits: tuple[np.ndarray, ort.OrtValue]  # the cache's logits buffer for (B, K), bound as the output
-
-
-@dataclass
-class KVCache:
-    """The KV state of one batch of sequences.
-
-    `lengths[b]` counts the real tokens stored for row b; positions beyond it in
-    the buffer are stale and masked by the graph.
-    """
-
-    batch: int
-    capacity: int  # positions the buffers hold ("inplace"); grows without bound for "concat"
-    lengths: np.ndarray  # [B] int64
-    values: list  # "inplace": OrtValues bound as past and present; "concat": numpy arrays [B, Hkv, P, D]
-    valid: np.ndarray | None = None  # "concat" only: [B, P] int64 attention mask of stored positions
-    binding: ort.IOBinding | None = None  # "inplace": KV bound once, inputs re-bound each step
-    logits: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)
-    bound: dict[tuple[int, int], BoundStep] = field(default_factory=dict)  # "inplace": `Engine._bound_step`'s
-    bound_key: tuple[int, int] | None = None  # the (S, K) whose buffers `binding` holds now (None: re-bind)
-    host: list[np.ndarray] | None = None  # "inplace" on the CPU: the numpy arrays `values` wrap (same memory)
-
-    # The operations every loop needs, one implementation per kind of cache (in place on the host, in place on
-    # a device, concatenated).
-    @property
-    def reusable(self) -> bool:
-        """Whether stored positions can be read out and written in (host memory: in place on the CPU, concat)."""
-        return self.host is not None or self.valid is not None
-
-    def rewind(self, n: int) -> None:
-        """Forget the last `n` positions of a batch-1 cache: by length in place (stale positions are masked);
-        a concat cache also drops them from its arrays, which its attention mask would read."""
-        if n <= 0:
-            return
-        self.lengths -= n
-        if self.valid is not None:
-            keep = int(self.lengths[0])
-            self.values = [v[:, :, :keep] for v in self.values]
-            self.valid = self.valid[:, :keep]
-
-    def prefix(self, n: int) -> list[np.ndarray]:
-        """Row 0's first `n` positions, per past input [n_kv_head, n, head_dim] (views: copy to keep them)."""
-        arrays = self.host if self.host is not None else self.values
-        if not self.reusable:
-            raise UsageError("this cache lives on a device: its positions cannot be read out")
-        return [a[0, :, :n] for a in arrays]
-
-    def load_prefix(self, kv: list[np.ndarray], n: int) -> None:
-        """Make row 0 hold `n` stored positions (per past input [n_kv_head, >= n, head_dim]) and nothing else."""
-        if self.host is not None:
-            for array, stored in zip(self.host, kv):
-                array[0, :, :n] = stored[:, :n]
-        elif self.valid is not None:
-            self.values = [np.ascontiguousarray(stored[None, :, :n]) for stored in kv]
-            self.valid = np.ones((1, n), np.int64)
-        else:
-            raise UsageError("this cache lives on a device: stored positions cannot be written into it")
-        self.lengths[0] = n
 
 
 def right_pad(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -150,13 +79,14 @@ class Engine:
                 if pooled:
                     cache = pooled.pop()
                     cache.lengths[:] = 0
+                    cache._on_release = self._pool_cache
                     return cache
-            return self._allocate_inplace(batch, capacity)
+            cache = self._allocate_inplace(batch, capacity)
+            cache._on_release = self._pool_cache
+            return cache
         shape = (batch, self.arch.n_kv_head, 0, self.arch.head_dim)
-        return KVCache(
-            batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64),
-            values=[np.zeros(shape, self.kv_dtype) for _ in self.past_names], valid=np.zeros((batch, 0), np.int64),
-        )
+        empty = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+        return KVCache(batch, capacity, np.zeros(batch, np.int64), ConcatKV(empty, np.zeros((batch, 0), np.int64)))
 
     def _allocate_inplace(self, batch: int, capacity: int) -> KVCache:
         """Buffers on the KV device; on the CPU, numpy arrays the OrtValues wrap, so positions can be read out and
@@ -171,8 +101,7 @@ class Engine:
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # same memory: the step writes in place
-        return KVCache(batch=batch, capacity=capacity, lengths=np.zeros(batch, np.int64), values=values,
-                       binding=binding)
+        return KVCache(batch, capacity, np.zeros(batch, np.int64), InPlaceKV(values, binding))
 
     @property
     def kv_device_is_host(self) -> bool:
@@ -203,7 +132,14 @@ class Engine:
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        return KVCache(batch=batch, capacity=capacity, lengths=lengths, values=values, binding=binding, host=arrays)
+        return KVCache(batch, capacity, lengths, InPlaceKV(values, binding, host=arrays))
+
+    def host_rows(self, rows: int, capacity: int) -> HostRows:
+        """`rows` sequences of up to `capacity` positions in host arrays (in-place graphs on the CPU)."""
+        if not self.shares_host_rows:
+            raise UsageError("host rows need an in-place graph running on the CPU")
+        shape = (rows, self.arch.n_kv_head, capacity, self.arch.head_dim)
+        return HostRows([np.zeros(shape, self.kv_dtype) for _ in self.past_names], self.cache_over)
 
     @property
     def bytes_per_position(self) -> int:
@@ -212,18 +148,46 @@ class Engine:
         return a.n_layer * 2 * a.n_kv_head * a.head_dim * np.dtype(self.kv_dtype).itemsize
 
     def release(self, cache: KVCache) -> None:
-        """Return an in-place cache's buffers to the pool for the next request of the same size."""
-        if self.inplace and cache.binding is not None:
-            with self._pool_lock:
-                pool = self._pool.setdefault((cache.batch, cache.capacity), [])
-                if len(pool) < POOL_LIMIT:
-                    pool.append(cache)
+        """Return a cache's buffers to the pool for the next request of the same size (`KVCache.release`)."""
+        cache.release()
+
+    def _pool_cache(self, cache: KVCache) -> None:
+        with self._pool_lock:
+            pool = self._pool.setdefault((cache.batch, cache.capacity), [])
+            if len(pool) < POOL_LIMIT:
+                pool.append(cache)
 
     def clear_pool(self) -> None:
         with self._pool_lock:
             self._pool.clear()
 
-    # -- one step -------------------------------------------------------------------------------
+    # -- steps ----------------------------------------------------------------------------------
+    # Each returns float32 logits in a buffer the next step of the same shape reuses: copy what you keep.
+    def prefill(self, cache: KVCache, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Append prompt tokens `input_ids` [B, S] (row b holds `lengths[b]` real ones, right-padded; default
+        all S); logits [B, V] of each row's last real token."""
+        input_ids = self._ids(cache, input_ids)
+        if lengths is None and self._bindable(*input_ids.shape):
+            return self._bound_step(cache, input_ids, 1)[:, 0]
+        return self.step(cache, input_ids, lengths)[:, 0]
+
+    def decode(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per row, `tokens` [B, 1]; logits [B, V] for the tokens after them."""
+        tokens = self._ids(cache, tokens)
+        if tokens.shape[1] != 1:
+            raise UsageError(f"a decode step takes one token per row, got {tokens.shape[1]}")
+        return (self._bound_step(cache, tokens, 1) if self.inplace else self.step(cache, tokens))[:, 0]
+
+    def verify(self, cache: KVCache, input_ids: np.ndarray) -> np.ndarray:
+        """Append a batch-1 run `input_ids` [1, S] (a token and its proposals); logits [S, V] at every position."""
+        input_ids = self._ids(cache, input_ids)
+        B, S = input_ids.shape
+        if B != 1:
+            raise UsageError(f"a verify step runs one sequence, got {B}")
+        if self._bindable(B, S):
+            return self._bound_step(cache, input_ids, S)[0]
+        return self.step(cache, input_ids, logits_index=np.arange(S, dtype=np.int64)[None, :])[0]
+
     def forward(
         self,
         cache: KVCache,
@@ -233,23 +197,24 @@ class Engine:
         *,
         every_position: bool = False,
     ) -> np.ndarray:
-        """Append `input_ids` [B, S] (row b holds `lengths[b]` real tokens, right-padded) and return logits.
-
-        Returns float32 logits [B, K, V] for the positions in `logits_index` [B, K] (default: each row's
-        last real token, K = 1; `every_position`: all S positions, K = S, as a speculative verify step
-        reads them). The returned array is reused by the next call with the same (B, K): copy it if you
-        keep it.
-        """
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        B, S = input_ids.shape
-        if B != cache.batch:
-            raise UsageError(f"input batch {B} does not match the cache's batch {cache.batch}")
+        """Logits [B, K, V] at `logits_index` [B, K] (default each row's last real token; `every_position`: all S),
+        for callers that describe a step by its arguments: it runs as the named step they amount to."""
         if every_position and logits_index is not None:
             raise UsageError("pass logits_index or every_position, not both")
-        if lengths is None and logits_index is None and self.inplace and S <= BOUND_STEP_MAX and (B == 1 or S == 1):
+        input_ids = self._ids(cache, input_ids)
+        B, S = input_ids.shape
+        if lengths is None and logits_index is None and self._bindable(B, S):
             return self._bound_step(cache, input_ids, S if every_position else 1)
         if every_position:
             logits_index = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S))
+        return self.step(cache, input_ids, lengths, logits_index)
+
+    def step(self, cache: KVCache, input_ids: np.ndarray, lengths: np.ndarray | None = None,
+             logits_index: np.ndarray | None = None) -> np.ndarray:
+        """The general step: `input_ids` [B, S] with `lengths[b]` real tokens per row (default S); logits
+        [B, K, V] at `logits_index` [B, K] (default each row's last real token), inputs bound afresh."""
+        input_ids = self._ids(cache, input_ids)
+        B, S = input_ids.shape
         lengths = np.full(B, S, np.int64) if lengths is None else np.asarray(lengths, np.int64)
         if lengths.min() < 1 or lengths.max() > S:
             raise UsageError("each row needs between 1 and S new tokens")
@@ -259,11 +224,22 @@ class Engine:
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
         inputs = self.step_inputs(cache, input_ids, lengths, logits_index)
         if self.inplace:
-            logits = self._forward_inplace(cache, inputs, logits_index)
+            logits = self._forward_inplace(cache.kv, inputs, logits_index)
         else:
-            logits = self._forward_concat(cache, inputs, logits_index)
+            logits = self._forward_concat(cache.kv, inputs, logits_index)
         cache.lengths += lengths
         return logits
+
+    def _ids(self, cache: KVCache, input_ids: np.ndarray) -> np.ndarray:
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.shape[0] != cache.batch:
+            raise UsageError(f"input batch {input_ids.shape[0]} does not match the cache's batch {cache.batch}")
+        return input_ids
+
+    def _bindable(self, batch: int, tokens: int) -> bool:
+        """Steps that run on bound buffers: in place, at most BOUND_STEP_MAX tokens, batch 1 or one token per row
+        (GroupQueryAttention refuses several new tokens per row on a non-empty cache when batch > 1)."""
+        return self.inplace and tokens <= BOUND_STEP_MAX and (batch == 1 or tokens == 1)
 
     def _check_room(self, cache: KVCache, buffer_end: int, sequence_end: int) -> None:
         """Refuse a step whose buffer positions (padding included) overflow an in-place cache, or whose real
@@ -291,7 +267,7 @@ class Engine:
             feed[io.total_sequence_length] = np.array(int((cache.lengths + S).max()), np.int32)
         else:
             new_valid = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int64)
-            feed[io.attention_mask] = np.concatenate([cache.valid, new_valid], axis=1)
+            feed[io.attention_mask] = np.concatenate([cache.kv.valid, new_valid], axis=1)
         return feed
 
     def _bound_step(self, cache: KVCache, input_ids: np.ndarray, k: int) -> np.ndarray:
@@ -308,20 +284,21 @@ class Engine:
         end = int(cache.lengths.max()) + S
         self._check_room(cache, end, end)
         key = (S, k)
-        step = cache.bound.get(key)
+        kv = cache.kv
+        step = kv.bound.get(key)
         if step is None:
             index = np.broadcast_to(np.arange(S - k, S, dtype=np.int64), (B, k))
             template = self.step_inputs(cache, input_ids, np.full(B, S, np.int64), np.ascontiguousarray(index))
             arrays = {name: np.array(value) for name, value in template.items()}
             values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-            step = cache.bound[key] = BoundStep(arrays, values, np.arange(S, dtype=np.int64),
-                                                self._logits_buffer(cache, B, k))
-        binding, io, lengths = cache.binding, self.io, cache.lengths
-        if cache.bound_key != key:
+            step = kv.bound[key] = BoundStep(arrays, values, np.arange(S, dtype=np.int64),
+                                             self._logits_buffer(kv, B, k))
+        binding, io, lengths = kv.binding, self.io, cache.lengths
+        if kv.bound_key != key:
             for name, value in step.values.items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(io.logits, step.logits[1])
-            cache.bound_key = key
+            kv.bound_key = key
         arrays = step.arrays
         arrays[io.input_ids][...] = input_ids
         if io.position_ids:  # the room check keeps every position inside the table: no clamp needed
@@ -338,38 +315,37 @@ class Engine:
         position: what a calibrator (quantize's static recipe) runs the float graph on."""
         S = len(ids)
         shape = (1, self.arch.n_kv_head, S if self.inplace else 0, self.arch.head_dim)
-        empty = KVCache(batch=1, capacity=S, lengths=np.zeros(1, np.int64), values=[],
-                        valid=np.zeros((1, 0), np.int64))
+        empty = KVCache(1, S, np.zeros(1, np.int64), ConcatKV([], np.zeros((1, 0), np.int64)))
         feed = self.step_inputs(empty, np.asarray(ids, np.int64)[None, :], np.array([S], np.int64),
                                 np.arange(S, dtype=np.int64)[None, :])
         feed.update((name, np.zeros(shape, self.kv_dtype)) for name in self.past_names)
         return feed
 
-    def _logits_buffer(self, cache: KVCache, batch: int, k: int) -> tuple[np.ndarray, ort.OrtValue]:
+    def _logits_buffer(self, kv: InPlaceKV, batch: int, k: int) -> tuple[np.ndarray, ort.OrtValue]:
         """Host buffer the logits output is written into: no allocation per decode step."""
         key = (batch, k)
-        if key not in cache.logits:
+        if key not in kv.logits:
             dtype = np.float16 if self.spec.dtype == "fp16" else np.float32
             array = np.empty((batch, k, self.arch.vocab_size), dtype)
-            cache.logits[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
-        return cache.logits[key]
+            kv.logits[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        return kv.logits[key]
 
-    def _forward_inplace(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
-        binding = cache.binding
-        cache.bound_key = None
+    def _forward_inplace(self, kv: InPlaceKV, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
+        binding = kv.binding
+        kv.bound_key = None
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
-        array, value = self._logits_buffer(cache, *logits_index.shape)
+        array, value = self._logits_buffer(kv, *logits_index.shape)
         binding.bind_ortvalue_output(self.io.logits, value)
         self._run(lambda: self.session.run_with_iobinding(binding))
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
-    def _forward_concat(self, cache: KVCache, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
+    def _forward_concat(self, kv: ConcatKV, inputs: dict[str, np.ndarray], logits_index: np.ndarray) -> np.ndarray:
         io = self.io
-        feed = {**inputs, **dict(zip(self.past_names, cache.values))}
+        feed = {**inputs, **dict(zip(self.past_names, kv.values))}
         outputs = self._run(lambda: self.session.run([io.logits, *self.present_names], feed))
-        cache.values = outputs[1:]
-        cache.valid = inputs[io.attention_mask]
+        kv.values = outputs[1:]
+        kv.valid = inputs[io.attention_mask]
         logits = outputs[0]
         if not io.logits_index:  # graphs without logits_index (e.g. Optimum's) return every position
             logits = np.take_along_axis(logits, logits_index[:, :, None], axis=1)

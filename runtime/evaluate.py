@@ -113,7 +113,7 @@ def _score_window(engine: Engine, ids: np.ndarray, begin: int, end: int, first: 
             stop = min(start + chunk, end - 1)  # inputs start..stop-1 predict targets start+1..stop
             lo = max(start, first - 1)  # first input position whose prediction is scored
             local = np.arange(lo, stop) - start if lo < stop else np.array([stop - 1 - start])
-            logits = engine.forward(cache, ids[None, start:stop], logits_index=local[None, :])[0]  # [K, V]
+            logits = engine.step(cache, ids[None, start:stop], logits_index=local[None, :])[0]  # [K, V]
             if lo >= stop:
                 continue
             targets = ids[lo + 1:stop + 1]
@@ -123,7 +123,7 @@ def _score_window(engine: Engine, ids: np.ndarray, begin: int, end: int, first: 
             nll[lo:stop] = lse - logits[np.arange(len(targets)), targets]
             top1[lo:stop] = logits.argmax(axis=-1)
     finally:
-        engine.release(cache)
+        cache.release()
 
 
 def perplexity(
@@ -149,9 +149,9 @@ def next_token_logits(engine: Engine, prompts: Sequence[Sequence[int]]) -> np.nd
     ids, lengths = right_pad(prompts)
     cache = engine.new_cache(len(prompts), int(lengths.max()))
     try:
-        return engine.forward(cache, ids, lengths)[:, -1].copy()
+        return engine.prefill(cache, ids, lengths).copy()
     finally:
-        engine.release(cache)
+        cache.release()
 
 
 def greedy_decode(engine: Engine, prompts: Sequence[Sequence[int]], n: int,
@@ -171,20 +171,20 @@ def greedy_decode(engine: Engine, prompts: Sequence[Sequence[int]], n: int,
     rows: list[list[np.ndarray]] | None = None
     try:
         if keep_logits:
-            logits = engine.forward(cache, ids, lengths, np.tile(np.arange(S, dtype=np.int64), (B, 1)))
+            logits = engine.step(cache, ids, lengths, np.tile(np.arange(S, dtype=np.int64), (B, 1)))
             rows = [list(logits[b, : lengths[b]].copy()) for b in range(B)]
             last = np.stack([r[-1] for r in rows])
         else:
-            last = engine.forward(cache, ids, lengths)[:, -1]
+            last = engine.prefill(cache, ids, lengths)
         for step in range(n):
             out[:, step] = last.argmax(axis=-1)
             if step + 1 < n or keep_logits:
-                last = engine.forward(cache, out[:, step:step + 1])[:, -1]
+                last = engine.decode(cache, out[:, step:step + 1])
                 if rows is not None:
                     for b in range(B):
                         rows[b].append(last[b].copy())
     finally:
-        engine.release(cache)
+        cache.release()
     logits_out = None if rows is None else [np.stack(r).astype(np.float32) for r in rows]
     return out.tolist(), logits_out
 

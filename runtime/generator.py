@@ -56,7 +56,7 @@ def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: in
     """
     ids = np.asarray(prompt_ids, np.int64)[None, :]
     n = ids.shape[1]
-    reuse = store is not None and cache.reusable and int(cache.lengths[0]) == 0
+    reuse = store is not None and cache.reusable and cache.length == 0
     done = 0
     if reuse:
         done, kv = store.lookup(ids[0])
@@ -64,15 +64,15 @@ def prefill(engine: Engine, cache: KVCache, prompt_ids: Sequence[int], chunk: in
             cache.load_prefix(kv, done)
     logits = None
     for start, stop in prefill_runs(done, n, chunk):
-        logits = engine.forward(cache, ids[:, start:stop])
+        logits = engine.prefill(cache, ids[:, start:stop])
     if reuse:
         store.save(ids[0], cache.prefix(n))
-    return logits[0, -1]
+    return logits[0]
 
 
 def decode_step(engine: Engine, cache: KVCache, token_id: int) -> np.ndarray:
     """Append one token; logits row [V] for the one after it."""
-    return engine.forward(cache, np.array([[token_id]], np.int64))[0, -1]
+    return engine.decode(cache, np.array([[token_id]], np.int64))[0]
 
 
 def _cancelled(cancel) -> bool:
@@ -103,7 +103,7 @@ def drive(engine: Engine, seq: Decoding, steps: StepLoop,
                     yield step.text
         finally:
             loop.close()
-            engine.release(cache)
+            cache.release()
         _, tail = seq.finish()
         if tail:
             yield tail
@@ -156,7 +156,7 @@ def generate_rows(engine: Engine, seqs: Sequence[Decoding], *, cancel=None, pad_
     ids, lengths = right_pad([s.prompt_ids for s in seqs], pad_id)
     cache = engine.new_cache(B, kv_capacity(needed, engine.arch.context_length))
     try:
-        logits = engine.forward(cache, ids, lengths)[:, -1]  # [B, V]
+        logits = engine.prefill(cache, ids, lengths)  # [B, V]
         while not _cancelled(cancel):
             nxt = np.full((B, 1), pad_id, np.int64)
             for b, s in enumerate(seqs):
@@ -165,12 +165,12 @@ def generate_rows(engine: Engine, seqs: Sequence[Decoding], *, cancel=None, pad_
             done = np.array([s.done for s in seqs])
             if done.all():
                 break
-            logits = engine.forward(cache, nxt)[:, -1]
             # A finished row is parked: it still takes part in each step (the batch shape is fixed), but
-            # its length is wound back so it keeps overwriting one spare slot instead of growing.
-            cache.lengths[done] -= 1
+            # its length is held, so it keeps overwriting one spare slot instead of growing.
+            with cache.holding(done):
+                logits = engine.decode(cache, nxt)
     finally:
-        engine.release(cache)
+        cache.release()
     return [s.finish()[0] for s in seqs]
 
 

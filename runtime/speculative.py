@@ -34,8 +34,9 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from gptedge.runtime.cache import KVCache
 from gptedge.runtime.decoding import Decoding, Step
-from gptedge.runtime.engine import Engine, KVCache
+from gptedge.runtime.engine import Engine
 from gptedge.runtime.generator import _cancelled, drive, prefill
 from gptedge.runtime.prefix import PrefixStore
 from gptedge.runtime.sampling import TokenDistribution
@@ -277,7 +278,7 @@ def verify_steps(engine: Engine, cache: KVCache, seq: Decoding, proposer: Propos
             started = time.perf_counter()
             proposals, qs = proposer.propose(seq, room)
             feed = np.array([[step.token, *proposals]], np.int64)
-            rows = engine.forward(cache, feed, every_position=True)[0]  # [1 + len(proposals), V], bound buffers
+            rows = engine.verify(cache, feed)  # [1 + len(proposals), V], bound buffers
     finally:
         proposer.close()
 

@@ -381,7 +381,7 @@ def test_cli_draft_prints_the_same_text_and_refuses_bad_drafts(capsys, tmp_path:
     for extra, message in ((["--draft", str(other)], "another tokenizer"),
                            (["--draft", str(draft_bundle), "--lookup"], "--lookup and --draft exclude each other"),
                            (["--draft", str(tmp_path / "missing")], "is not a bundle folder"),
-                           (["--draft", str(draft_bundle), "--max-new-tokens", "100"], "lower --max-new-tokens")):
+                           (["--draft", str(draft_bundle), "--max-new-tokens", "100"], "(option --max-new-tokens)")):
         assert main([*args, *extra]) != 0
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
