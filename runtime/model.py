@@ -12,6 +12,8 @@ One loaded model serves concurrent generations from many threads: each call gets
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -174,6 +176,28 @@ class Model:
         engine = make_engine(session, spec, info.choice)
         store = PrefixStore(int(prefix_cache_mb * 2**20)) if prefix_cache_mb and engine.kv_device_is_host else None
         return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start, store)
+
+    # -- stored prompts ----------------------------------------------------------------------------------
+    def save_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        """Write the stored prompts' keys and values (see `Model.load`'s prefix_cache_mb) to `path`, so that a
+        later process that loads this same bundle starts with them (`load_prompt_cache`); returns the count."""
+        return self._store_for_files().save_file(path, self._identity())
+
+    def load_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        """Add the prompts `save_prompt_cache` wrote; a file written for another bundle is refused."""
+        a, engine = self.spec.architecture, self.engine
+        layout = (len(engine.past_names), a.n_kv_head, a.head_dim, np.dtype(engine.kv_dtype))
+        return self._store_for_files().load_file(path, self._identity(), layout)
+
+    def _store_for_files(self) -> PrefixStore:
+        if self.prefix_store is None:
+            raise UsageError("this model keeps no prompt cache (prefix_cache_mb=0, or its KV lives on a device)")
+        return self.prefix_store
+
+    def _identity(self) -> str:
+        """The bundle's files (their sha256) and KV type: what the stored keys and values depend on."""
+        facts = {"files": self.spec.files, "kv": self.spec.kv_cache.dtype, "dtype": self.spec.dtype}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
     # -- basics ----------------------------------------------------------------------------------------
     @property

@@ -8,18 +8,28 @@ runs only (generator.prefill_runs) and reuses at most all but the last two token
 prefill computed is stored: a decode step's keys and values (one token at a time) come out in other last bits.
 
 Entries are evicted least recently used first when the budget is exceeded. Thread-safe: the server's requests
-share one store.
+share one store. A store can be written to a file and read back in a later process (`save_file` / `load_file`:
+a desktop app's fixed system prompt is then fast on the first request of the day too); the file names the
+bundle it was computed by and is refused for any other.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from gptedge.errors import UsageError
+
 MIN_PREFIX = 16  # shorter prompts are cheap to prefill and would only churn the store
+FILE_FORMAT = "gptedge-prompt-cache/1"
 KEEP_PREFILLING = 2  # tokens of every prompt always prefilled (a one-token run computes other last bits)
 
 
@@ -94,3 +104,51 @@ class PrefixStore:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def save_file(self, path: str | os.PathLike[str], identity: str) -> int:
+        """Write every entry to `path` (numpy .npz, no pickles) with the `identity` of the bundle that computed
+        them, atomically; returns the entries written."""
+        with self._lock:
+            entries = list(self._entries.values())
+        arrays: dict[str, np.ndarray] = {
+            "header": np.array(json.dumps({"format": FILE_FORMAT, "identity": identity, "entries": len(entries)}))}
+        for i, entry in enumerate(entries):
+            arrays[f"tokens_{i}"] = entry.tokens
+            arrays.update((f"kv_{i}_{j}", a) for j, a in enumerate(entry.kv))
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".prompt-cache-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return len(entries)
+
+    def load_file(self, path: str | os.PathLike[str], identity: str, layout: tuple[int, int, int, np.dtype]) -> int:
+        """Add the entries of a file `save_file` wrote for the bundle `identity`; `layout` is (past inputs,
+        n_kv_head, head_dim, dtype), which every array is checked against. Returns the entries read."""
+        count, heads, head_dim, dtype = layout
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header.get("format") != FILE_FORMAT:
+                    raise UsageError(f"{path} is not a gptedge prompt cache ({FILE_FORMAT})")
+                if header.get("identity") != identity:
+                    raise UsageError(f"{path} was written for another bundle; delete it, or load the bundle it was "
+                                     "written for")
+                entries = []
+                for i in range(int(header["entries"])):
+                    tokens = data[f"tokens_{i}"]
+                    kv = [data[f"kv_{i}_{j}"] for j in range(count)]
+                    shape = (heads, len(tokens), head_dim)
+                    if tokens.dtype != np.int64 or tokens.ndim != 1 or any(
+                            a.shape != shape or a.dtype != dtype for a in kv):
+                        raise UsageError(f"{path}: entry {i} does not fit this bundle's KV layout")
+                    entries.append((tokens, kv))
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise UsageError(f"{path} is not a readable gptedge prompt cache ({exc})") from None
+        for tokens, kv in entries:
+            self.save(tokens, kv)
+        return len(entries)

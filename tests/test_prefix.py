@@ -145,3 +145,43 @@ def test_the_server_reuses_prompts_and_answers_as_cold(runtime_bundle: Path) -> 
         assert model.prefix_store.hits >= 8
         bad = httpx.post(url + "/v1/completions", json={**body, "prompt": "x", "cache_prompt": "yes"}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_prompt"
+
+
+def test_a_saved_prompt_cache_starts_a_new_process_warm_and_only_for_its_bundle(model: Model, runtime_checkpoint,
+                                                                              tmp_path: Path) -> None:
+    from gptedge.errors import UsageError
+    from gptedge.export.exporter import export_bundle
+
+    cold = model.generate(_prompt(model, QUESTIONS[0]), max_new_tokens=16, temperature=0, cache_prompt=False)
+    model.generate(_prompt(model, QUESTIONS[1]), max_new_tokens=4, temperature=0)
+    assert model.save_prompt_cache(tmp_path / "p.npz") == 1
+    later = Model.load(model.folder, provider="cpu", threads=1, prefix_cache_mb=64)  # a later start
+    assert later.load_prompt_cache(tmp_path / "p.npz") == 1
+    warm = later.generate(_prompt(later, QUESTIONS[0]), max_new_tokens=16, temperature=0)
+    assert warm.token_ids == cold.token_ids and later.prefix_store.hits == 1
+    other = export_bundle(runtime_checkpoint, tmp_path / "other", max_context=96, progress=False)
+    with pytest.raises(UsageError, match="written for another bundle"):
+        Model.load(other, provider="cpu", threads=1).load_prompt_cache(tmp_path / "p.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    with pytest.raises(UsageError, match="not a readable gptedge prompt cache"):
+        later.load_prompt_cache(tmp_path / "bad.npz")
+    with pytest.raises(UsageError, match="keeps no prompt cache"):
+        Model.load(model.folder, provider="cpu", threads=1, prefix_cache_mb=0).save_prompt_cache(tmp_path / "x.npz")
+
+
+def test_the_server_keeps_its_prompt_cache_across_restarts(runtime_bundle: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from serve_util import live_server, wait_ready
+
+    body = dict(model="tiny", max_tokens=8, temperature=0, prompt=SYSTEM + QUESTIONS[2])
+    with live_server(runtime_bundle, prompt_cache_dir=tmp_path) as (url, state):
+        wait_ready(url)
+        first = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert (tmp_path / "tiny.npz").is_file()  # written at shutdown
+    with live_server(runtime_bundle, prompt_cache_dir=tmp_path) as (url, state):
+        wait_ready(url)
+        store = state.models["tiny"].model.prefix_store
+        assert len(store) == 1
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert again == first and store.hits == 1

@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gptedge.errors import ContextLengthError, GptEdgeError
+from gptedge.errors import ContextLengthError, GptEdgeError, UsageError
 from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
 from gptedge.runtime.decoding import Decoding
 from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
@@ -51,6 +51,7 @@ class ServeConfig:
     parallel: int = 4
     kv_budget_mb: float = DEFAULT_KV_BUDGET_MB
     cache_ram_mb: float = DEFAULT_PREFIX_CACHE_MB  # stored prompt prefixes per model (Model.load's prefix_cache_mb)
+    prompt_cache_dir: Path | None = None  # NAME.npz per model: stored prompts read at start, written at shutdown
     max_queue: int = 64
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
@@ -103,6 +104,13 @@ class State:
                                   max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}",
                                   store=model.prefix_store)
                 self.models[name] = Served(name, model, batcher)
+                saved = self._prompt_cache(name)
+                if saved is not None and saved.is_file() and model.prefix_store is not None:
+                    try:
+                        log.info("gptedge serve: %s: %d stored prompts read from %s", name,
+                                 model.load_prompt_cache(saved), saved)
+                    except UsageError as exc:  # only a cache: serve without it, and overwrite it at shutdown
+                        log.warning("gptedge serve: %s: prompt cache not used: %s", name, exc)
                 log.info("gptedge serve: %s loaded (%s, %d rows of %d positions)", name, model.provider,
                          batcher.rows, batcher.capacity)
         except GptEdgeError as exc:
@@ -110,8 +118,20 @@ class State:
         self.ready.set()
 
     def close(self) -> None:
-        for served in self.models.values():
+        for name, served in self.models.items():
             served.batcher.close()
+            saved = self._prompt_cache(name)
+            if saved is not None and served.model.prefix_store is not None:
+                try:
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    log.info("gptedge serve: %s: %d stored prompts written to %s", name,
+                             served.model.save_prompt_cache(saved), saved)
+                except OSError as exc:
+                    log.warning("gptedge serve: the prompt cache of %s could not be written: %s", name, exc)
+
+    def _prompt_cache(self, name: str) -> Path | None:
+        folder = self.config.prompt_cache_dir
+        return None if folder is None else folder / f"{name}.npz"
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------

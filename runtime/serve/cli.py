@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "an earlier one (a system prompt, a conversation) prefills only what is new, with the "
                              "same output as without; a request's 'cache_prompt': false skips it; 0 turns it off "
                              "(default: 256)")
+    parser.add_argument("--prompt-cache", type=Path, default=None, metavar="DIR",
+                        help="keep the stored prompts across restarts: read DIR/NAME.npz for each model at start "
+                             "(refused if written by another bundle) and write it at shutdown")
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a free row before 503s")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser pages from this origin (repeatable; default: none)")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         bundles=bundles, provider=args.provider, threads=args.threads, spin=args.spin, parallel=args.parallel,
         kv_budget_mb=DEFAULT_KV_BUDGET_MB if args.kv_budget_mb is None else args.kv_budget_mb, max_queue=args.queue,
         cache_ram_mb=DEFAULT_PREFIX_CACHE_MB if args.cache_ram_mb is None else args.cache_ram_mb,
+        prompt_cache_dir=args.prompt_cache,
         api_key=args.api_key or None, cors_origins=args.cors_origin, max_body_bytes=int(args.max_body_mb * 2**20),
     )
     if not _is_loopback(args.host) and not config.api_key:
