@@ -11,11 +11,12 @@ Two graphs, both following the contract in `gptedge.runtime.bundle` exactly:
   Where), present = past ++ new, padding carried by `attention_mask`. Portable to any
   runtime, at an O(context) copy per step.
 
-Both graphs run `GPT.embed`, `GPT.blocks` and `GPT.head` themselves: the only thing a graph
-chooses is the attention kernel it hands the blocks (`GroupQueryKernel` or `ConcatKernel`;
-`gptedge.train.model.CachedAttention` is PyTorch's). So every model family exports through the
-same two wrappers, and verification compares them against `GPT.forward`. Neither uses
-`is_causal=True`: with a past the causal mask must be aligned bottom-right.
+Both graphs run `GPT.embed`, `GPT.blocks` and `GPT.head` themselves: what a graph chooses is the
+attention kernel it hands the blocks (`GroupQueryKernel` or `ConcatKernel`;
+`gptedge.train.model.CachedAttention` is PyTorch's) and the ops for the norms and the GELU (`ort_ops`
+in place; the concat graph keeps PyTorch's, `TORCH_OPS`, which trace to standard ops). So every model
+family exports through the same two wrappers, and verification compares them against `GPT.forward`.
+Neither uses `is_causal=True`: with a past the causal mask must be aligned bottom-right.
 
 The LM head is `Gemm(h, W, transB=1)` on the [V, C] matrix itself (the embedding table when
 tied), so it is stored once (a MatMul would make the exporter fold a transposed copy of it into
@@ -24,7 +25,6 @@ the file: 154 MB more for GPT-2 small in fp32).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from gptedge.runtime.bundle import IOSpec
 from gptedge.runtime.traits import TRAITS
-from gptedge.train.model import GPT, fused_kernels, rotate
+from gptedge.train.model import GPT, TORCH_OPS, Block, Ops, RMSNorm, rotate
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -49,19 +49,127 @@ def io_spec(kv: str) -> IOSpec:
     return INPLACE_IO if kv == "inplace" else CONCAT_IO
 
 
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime's fused norms and GELU (the in-place graph's; the concat graph stays standard ops)
+
+
+def ort_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as ONNX Runtime's SimplifiedLayerNormalization: one node where the decomposition costs seven (fp32
+    inside, the same arithmetic; CPU, CUDA and DirectML have it). LayerNorm as it is: it traces to one
+    LayerNormalization node already."""
+    if not isinstance(norm, RMSNorm):
+        return norm(x)
+    return torch.onnx.ops.symbolic(
+        "SimplifiedLayerNormalization", [x, norm.weight], dict(axis=-1, epsilon=norm.eps, stash_type=1),
+        dtype=x.dtype, shape=x.shape, version=1)
+
+
+def ort_gelu(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """act(x) as ONNX Runtime's FastGelu (tanh form) or com.microsoft Gelu (erf form): the tanh formula is
+    otherwise 8 nodes (Pow, Tanh, 4 Mul, 2 Add)."""
+    op = "FastGelu" if act.approximate == "tanh" else "Gelu"
+    return torch.onnx.ops.symbolic(f"com.microsoft::{op}", [x], {}, dtype=x.dtype, shape=x.shape, version=1)
+
+
+def ort_ops(fused_gelu: bool) -> Ops:
+    """The in-place graph's ops: fused norms always, the fused GELU where the target provider has a kernel for it
+    (runtime/traits.py; DirectML has none, and its graphs keep the standard GELU ops)."""
+    return Ops(norm=ort_norm, gelu=ort_gelu if fused_gelu else TORCH_OPS.gelu)
+
+
+def fuse_residual_norms(proto) -> int:
+    """Fold each residual add of the blocks into the norm that reads it; returns how many were folded.
+
+    `Block.forward` is the plain residual stream (`x = x + attn(ln_1(x))`, `x = x + mlp(ln_2(x))`), so the traced
+    graph has Add -> LayerNormalization (or SimplifiedLayerNormalization). ONNX Runtime's fused kernel for that
+    pair is com.microsoft SkipLayerNormalization (SkipSimplifiedLayerNormalization): one node that returns the norm
+    and, as its fourth output, the sum the stream carries on. The pair is rewritten here, in the file, rather than
+    in PyTorch (which would have to carry each branch un-added into the next block) or left to ONNX Runtime's
+    session optimizer: onnxruntime 1.32 fuses only an Add whose sum nothing else reads (the last one; every other
+    residual sum also feeds the next block's add) and never SimplifiedLayerNormalization.
+
+    Only the adds `Block.forward` itself traced qualify (read from the exporter's node metadata, before `tidy`
+    drops it), so the embedding sum before the first norm stays a plain Add. The fused node takes the norm's place
+    in the names (`tidy`) and the add's place in the node order (every input exists by then).
+    """
+    import ast
+
+    import onnx
+    from onnx import helper
+
+    fused_op = {"LayerNormalization": "SkipLayerNormalization",
+                "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization"}
+    block = f"{Block.__module__}.{Block.__qualname__}"
+    graph = proto.graph
+    nodes = list(graph.node)
+    readers: dict[str, list] = {}
+    made_at: dict[str, int] = {}  # value name -> index of the node that computes it
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+        made_at.update((name, i) for name in node.output)
+    graph_outputs = {o.name for o in graph.output}
+
+    def traced_by_block(node) -> bool:  # the innermost module of the node's trace is a Block
+        meta = {p.key: p.value for p in node.metadata_props}
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]")) or []  # modules, op last
+        return len(classes) > 1 and classes[-2] == block
+
+    replaced: dict[int, onnx.NodeProto] = {}  # id(add) -> fused node
+    dropped: set[int] = set()  # id(norm)
+    for i, add in enumerate(nodes):
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or not traced_by_block(add):
+            continue
+        norms = [n for n in readers.get(add.output[0], []) if n.op_type in fused_op and n.domain in ("", "ai.onnx")
+                 and n.input[0] == add.output[0] and id(n) not in dropped]
+        if not norms:
+            continue
+        norm = norms[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
+        if (attrs.get("axis", -1) != -1 or any(made_at.get(name, -1) > i for name in norm.input[1:])
+                or any(out and (readers.get(out) or out in graph_outputs) for out in norm.output[1:])):
+            continue  # not over the last axis, a weight computed after the add, or the norm's statistics read
+        total = add.output[0]
+        keep_total = any(r is not norm for r in readers[total]) or total in graph_outputs
+        fused = helper.make_node(
+            fused_op[norm.op_type], [*add.input, *norm.input[1:]],
+            [norm.output[0], *(["", "", total] if keep_total else [])],
+            domain="com.microsoft", epsilon=attrs.get("epsilon", 1e-5))
+        fused.metadata_props.extend(norm.metadata_props)
+        replaced[id(add)] = fused
+        dropped.add(id(norm))
+    if not replaced:
+        return 0
+    kept = []
+    for node in nodes:
+        if id(node) not in dropped:
+            kept.append(onnx.NodeProto())
+            kept[-1].CopyFrom(replaced.get(id(node), node))
+    del graph.node[:]
+    graph.node.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention kernels
+
+
 class GroupQueryKernel:
     """Attention as `com.microsoft::GroupQueryAttention` over one fixed-capacity buffer per layer.
 
     Grouped KV heads go to the op as they are (kv_num_heads). Rotary models hand it the cos/sin tables
     (do_rotary) when the provider's kernel rotates heads of this size (runtime/traits.py), so the rotation
     happens inside the kernel at the positions it derives from seqlens_k; otherwise q and k are rotated here,
-    at `position_ids`, before the kernel (the same arithmetic as the PyTorch reference).
+    at `position_ids`, before the kernel (the same arithmetic as the PyTorch reference). Per-head q/k norms
+    use `ops` (the graph's fused norms).
     """
 
     def __init__(self, model: GPT, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor,
-                 total: torch.Tensor, position_ids: torch.Tensor, rotary_in_kernel: bool) -> None:
+                 total: torch.Tensor, position_ids: torch.Tensor, rotary_in_kernel: bool, ops: Ops) -> None:
         c = model.config
-        self.past, self.seqlens_k, self.total = past, seqlens_k, total
+        self.past, self.seqlens_k, self.total, self.ops = past, seqlens_k, total, ops
         rope = c.positions == "rope"
         self.rope = [model.rope_cos, model.rope_sin] if rope and rotary_in_kernel else []
         self.cos = self.sin = None
@@ -77,13 +185,13 @@ class GroupQueryKernel:
         past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
         B, S, _ = qkv.shape
         if self.cos is not None:  # rotary outside the kernel: q and k rotated per head here
-            q, k, v = attn.split(qkv)
+            q, k, v = attn.split(qkv, self.ops)
             q = rotate(q.view(B, S, attn.n_head, attn.head_dim), self.cos, self.sin).reshape(B, S, -1)
             k = rotate(k.view(B, S, attn.n_kv_head, attn.head_dim), self.cos, self.sin).reshape(B, S, -1)
         elif attn.q_norm is None:  # packed q, k, v go in as they are (no Split node)
             q, k, v = qkv, None, None
         else:  # per-head norms must run on q and k first
-            q, k, v = attn.split(qkv)
+            q, k, v = attn.split(qkv, self.ops)
         y, new_k, new_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [q, k, v, past_k, past_v, self.seqlens_k, self.total, *self.rope],
@@ -162,10 +270,11 @@ def _logits(model: GPT, h: torch.Tensor, logits_index: torch.Tensor) -> torch.Te
 class InplaceGraph(nn.Module):
     """inputs: input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, past_* (see bundle.py)."""
 
-    def __init__(self, model: GPT, rotary_in_kernel: bool = True) -> None:
+    def __init__(self, model: GPT, rotary_in_kernel: bool = True, fused_gelu: bool = False) -> None:
         super().__init__()
         self.model = model
         self.rotary_in_kernel = rotary_in_kernel
+        self.ops = ort_ops(fused_gelu)
 
     def forward(
         self,
@@ -177,8 +286,8 @@ class InplaceGraph(nn.Module):
         *past: torch.Tensor,  # 2 * n_layer of [B, Hkv, capacity, D]
     ) -> tuple[torch.Tensor, ...]:
         kernel = GroupQueryKernel(self.model, past, seqlens_k, total_sequence_length, position_ids,
-                                  self.rotary_in_kernel)
-        h = self.model.blocks(self.model.embed(input_ids, position_ids), kernel)
+                                  self.rotary_in_kernel, self.ops)
+        h = self.model.blocks(self.model.embed(input_ids, position_ids), kernel, self.ops)
         return (_logits(self.model, h, logits_index), *kernel.presents)
 
 
@@ -257,7 +366,7 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
     import onnx
 
     if kv == "inplace":
-        wrapper = InplaceGraph(model, rotary_in_kernel(model.config, target)).eval()
+        wrapper = InplaceGraph(model, rotary_in_kernel(model.config, target), TRAITS[target].fused_gelu).eval()
     else:
         wrapper = ConcatGraph(model).eval()
     dtype = next(model.parameters()).dtype
@@ -267,10 +376,7 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a GPT
     try:
-        # The in-place graph is ONNX Runtime's own (GroupQueryAttention): its fused kernels too.
-        # "concat" stays portable.
-        fused = fused_kernels(gelu=TRAITS[target].fused_gelu) if kv == "inplace" else contextlib.nullcontext()
-        with warnings.catch_warnings(), torch.no_grad(), fused:
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; real failures raise
             program = torch.onnx.export(
                 wrapper, example_inputs(kv, model, dtype), None, dynamo=True, opset_version=OPSET,
@@ -279,7 +385,10 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
             )
     finally:
         registry_log.setLevel(level)
-    proto = tidy(program.model_proto)
+    proto = program.model_proto
+    if kv == "inplace":  # ONNX Runtime's own graph (GroupQueryAttention): its fused norms too; "concat" stays portable
+        fuse_residual_norms(proto)
+    proto = tidy(proto)
     if kv == "concat":
         name_total_dims(proto, graph_names(kv, model.config.n_layer))
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

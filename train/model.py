@@ -6,10 +6,13 @@ grouped key/value heads, which projections carry biases, a tied or untied head, 
 per-head q/k norms. GPT-2 is `GPTConfig()`; Llama, Qwen2/3, Mistral and Phi-3 are other
 points (see `gptedge.export.hf` for the mappings).
 
-The block is written once. *How* attention is computed is a kernel passed in:
-`CachedAttention` here (PyTorch SDPA, for training and as the export reference), and the
-two ONNX kernels in `gptedge.export.graph` (GroupQueryAttention over an in-place buffer,
-or standard ops over a concatenated cache). Every kernel takes the same q, k, v.
+The block is written once, as the residual stream it is: `x = x + attn(ln_1(x))`, then
+`x = x + mlp(ln_2(x))`. *How* attention is computed is a kernel passed in: `CachedAttention` here
+(PyTorch SDPA, for training and as the export reference), and the two ONNX kernels in
+`gptedge.export.graph` (GroupQueryAttention over an in-place buffer, or standard ops over a
+concatenated cache). Every kernel takes the same q, k, v. How the norms and the GELU are computed is
+passed in the same way (`Ops`): PyTorch's modules by default, ONNX Runtime's fused kernels when the
+in-place graph is traced (also built in `gptedge.export.graph`).
 
 Parameter names follow Hugging Face GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so GPT-2
 checkpoints map one tensor at a time; q, k and v are one packed projection (q heads, then
@@ -21,11 +24,9 @@ C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim, I = intermediate_size, V 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -199,10 +200,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusing():
-            return torch.onnx.ops.symbolic(
-                "SimplifiedLayerNormalization", [x, self.weight], dict(axis=-1, epsilon=self.eps, stash_type=1),
-                dtype=x.dtype, shape=x.shape, version=1)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -214,52 +211,26 @@ def make_norm(c: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=c.layer_norm_epsilon, bias=c.bias)
 
 
-# While an ONNX Runtime graph is traced, norms export as its fused kernels (CPU, CUDA and DirectML have them; fp32
-# inside, the same arithmetic): one node where the decomposition costs seven, and the residual Add folded into the
-# next norm. ONNX Runtime does not fuse these itself. GELU becomes its FastGelu / Gelu kernel where the target
-# provider has one (runtime/traits.py): the tanh formula is otherwise 8 nodes (Pow, Tanh, 4 Mul, 2 Add).
-# Portable graphs leave both off and keep standard ops.
-_FUSED_NORMS = contextvars.ContextVar("gptedge_fused_norms", default=False)
-_FUSED_GELU = contextvars.ContextVar("gptedge_fused_gelu", default=False)
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
-@contextlib.contextmanager
-def fused_kernels(gelu: bool = False) -> Iterator[None]:
-    tokens = (_FUSED_NORMS.set(True), _FUSED_GELU.set(gelu))
-    try:
-        yield
-    finally:
-        _FUSED_GELU.reset(tokens[1])
-        _FUSED_NORMS.reset(tokens[0])
+@dataclass(frozen=True)
+class Ops:
+    """How the norms and the GELU are computed, handed to the blocks beside the attention kernel.
+
+    `norm(module, x)` applies a norm module (LayerNorm, RMSNorm; the per-head q/k norms too) and `gelu(act, x)`
+    the MLP's `nn.GELU`. The default, `TORCH_OPS`, calls the modules: training and the reference every export
+    is checked against. `gptedge.export.graph.ort_ops` emits ONNX Runtime's fused kernels instead. The residual
+    adds are no op of their own: they stay `x = x + ...` here, and the in-place export folds each into the norm
+    after it (`gptedge.export.graph.fuse_residual_norms`).
+    """
+
+    norm: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call
+    gelu: Callable[[nn.GELU, torch.Tensor], torch.Tensor] = _call
 
 
-def _fusing(flag: contextvars.ContextVar = _FUSED_NORMS) -> bool:
-    return flag.get() and torch.onnx.is_in_onnx_export()
-
-
-def gelu(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """act(x), as ONNX Runtime's fused FastGelu (tanh form) or Gelu (erf form) node while tracing with fused GELU."""
-    if not _fusing(_FUSED_GELU):
-        return act(x)
-    op = "FastGelu" if act.approximate == "tanh" else "Gelu"
-    return torch.onnx.ops.symbolic(f"com.microsoft::{op}", [x], {}, dtype=x.dtype, shape=x.shape, version=1)
-
-
-def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + delta), x + delta): a residual add and the norm after it; delta None: no add."""
-    if delta is None:
-        return norm(x), x
-    if not _fusing():
-        x = x + delta
-        return norm(x), x
-    rms = isinstance(norm, RMSNorm)
-    op = "SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"
-    params = [norm.weight] if rms else [norm.weight, norm.bias]
-    stats = [*x.shape[:-1], 1]
-    out, _, _, total = torch.onnx.ops.symbolic_multi_out(
-        f"com.microsoft::{op}", [x, delta, *params], dict(epsilon=norm.eps),
-        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, stats, stats, x.shape), version=1)
-    return out, total
+TORCH_OPS = Ops()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +240,9 @@ def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tu
 class AttentionKernel(Protocol):
     """Attention for layer `layer` from the packed projection qkv [B, S, (H + 2*Hkv)*D]; returns [B, S, H*D].
 
-    `attn.split(qkv)` gives q, k, v (per-head norms applied); a kernel that takes the packed tensor as it is
-    (GroupQueryAttention, when the model has no q/k norms) saves the split.
+    `attn.split(qkv)` gives q, k, v (per-head norms applied; `attn.split(qkv, ops)` applies them with a graph's
+    ops); a kernel that takes the packed tensor as it is (GroupQueryAttention, when the model has no q/k norms)
+    saves the split.
     """
 
     def __call__(self, layer: int, qkv: torch.Tensor, attn: "CausalSelfAttention") -> torch.Tensor: ...
@@ -287,13 +259,13 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.layer_norm_epsilon) if c.qk_norm else None
         self.resid_dropout = nn.Dropout(c.dropout)
 
-    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split(self, qkv: torch.Tensor, ops: Ops = TORCH_OPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed [B, S, (H + 2*Hkv)*D] -> q [B, S, H*D], k and v [B, S, Hkv*D] (q/k norms applied, not rotated)."""
         q, k, v = qkv.split(self.sizes, dim=2)
         if self.q_norm is not None:
             B, S, _ = qkv.shape
-            q = self.q_norm(q.view(B, S, self.n_head, self.head_dim)).view(B, S, -1)
-            k = self.k_norm(k.view(B, S, self.n_kv_head, self.head_dim)).view(B, S, -1)
+            q = ops.norm(self.q_norm, q.view(B, S, self.n_head, self.head_dim)).view(B, S, -1)
+            k = ops.norm(self.k_norm, k.view(B, S, self.n_kv_head, self.head_dim)).view(B, S, -1)
         return q, k, v
 
     def heads(self, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -321,13 +293,13 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(c.intermediate_size, c.n_embd, bias=c.mlp_bias)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops = TORCH_OPS) -> torch.Tensor:
         h = self.c_fc(x)  # [B, S, I] or [B, S, 2I]
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = gelu(self.gelu, h)
+            h = ops.gelu(self.gelu, h)
         return self.dropout(self.c_proj(h))
 
 
@@ -341,12 +313,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c, c.n_embd)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, kernel: AttentionKernel,
-                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream arrives as x + delta (the previous block's MLP output, not yet added) and leaves so."""
-        h, x = add_norm(self.ln_1, x, delta)
-        h, x = add_norm(self.ln_2, x, self.attn(h, kernel, layer))
-        return x, self.mlp(h)
+    def forward(self, x: torch.Tensor, kernel: AttentionKernel, layer: int, ops: Ops = TORCH_OPS) -> torch.Tensor:
+        x = x + self.attn(ops.norm(self.ln_1, x), kernel, layer)
+        x = x + self.mlp(ops.norm(self.ln_2, x), ops)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +410,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
-    # The three stages every graph shares; only the attention kernel differs between them.
+    # The three stages every graph shares; only the attention kernel and the ops differ between them.
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token (+ learned position) embeddings [B, S, C]; positions [S] or [B, S] are ignored by rotary models."""
         x = self.transformer.wte(idx)
@@ -448,12 +418,11 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         return self.transformer.drop(x)
 
-    def blocks(self, x: torch.Tensor, kernel: AttentionKernel) -> torch.Tensor:
+    def blocks(self, x: torch.Tensor, kernel: AttentionKernel, ops: Ops = TORCH_OPS) -> torch.Tensor:
         """Every block, then the final norm: [B, S, C] -> [B, S, C]."""
-        delta = None
         for i, block in enumerate(self.transformer.h):
-            x, delta = block(x, delta, kernel, i)
-        return add_norm(self.transformer.ln_f, x, delta)[0]
+            x = block(x, kernel, i, ops)
+        return ops.norm(self.transformer.ln_f, x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., V]; F.linear on the [V, C] matrix (the embedding itself when tied)."""
