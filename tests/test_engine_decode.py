@@ -95,13 +95,46 @@ def test_longer_steps_take_the_general_path(runtime_model) -> None:
         engine.forward(cache, np.array([[3]]), logits_index=np.zeros((1, 1)), every_position=True)
 
 
-def test_pooled_cache_reuses_its_bound_buffers(runtime_model) -> None:
-    model = runtime_model
-    first = model.generate("def add(a, b):", max_new_tokens=20, temperature=0, stop_token_ids=())
-    again = model.generate("def add(a, b):", max_new_tokens=20, temperature=0, stop_token_ids=())  # pooled cache
-    other = model.generate("Hello", max_new_tokens=20, temperature=0, stop_token_ids=())
-    assert first.token_ids == again.token_ids
-    assert model.generate("Hello", max_new_tokens=20, temperature=0, stop_token_ids=()).token_ids == other.token_ids
+def test_pooled_cache_reuses_its_bound_buffers(runtime_model, monkeypatch) -> None:
+    """A released cache goes to the pool and the next generation of its size gets that very object back, its
+    bound step buffers included (nothing re-allocated, nothing re-bound), and still gives a fresh cache's tokens."""
+    model, engine = runtime_model, runtime_model.engine
+    assert engine.inplace  # only in-place caches are pooled
+    handed_out = []
+    new_cache = engine.new_cache
+
+    def recording_new_cache(*args, **kwargs):
+        cache = new_cache(*args, **kwargs)
+        handed_out.append(cache)
+        return cache
+
+    monkeypatch.setattr(engine, "new_cache", recording_new_cache)
+    kw = dict(max_new_tokens=20, temperature=0, stop_token_ids=())
+
+    def generate(prompt: str):
+        result = model.generate(prompt, cache_prompt=False, **kw)  # no stored prefix: every step runs
+        return result, handed_out[-1]
+
+    engine.clear_pool()  # earlier tests' caches must not stand in for a fresh one
+    first, cache = generate("def add(a, b):")
+    size = (cache.batch, cache.capacity)
+    assert [c is cache for c in engine._pool.get(size, [])] == [True], "the released cache did not go to the pool"
+    bound = dict(cache.bound)
+    assert (1, 1) in bound  # its decode steps ran on bound buffers
+    kv_values = list(cache.values)
+
+    again, reused = generate("def add(a, b):")
+    assert reused is cache, "the second generation did not get the pooled cache back"
+    assert all(cache.bound.get(key) is step for key, step in bound.items()), "bound steps were rebuilt"
+    assert all(a is b for a, b in zip(cache.values, kv_values)), "the KV buffers were replaced"
+    assert again.token_ids == first.token_ids
+
+    other, dirty = generate("Hello")  # the pooled cache, still holding the last prompt's positions
+    assert dirty is cache
+    engine.clear_pool()
+    fresh, clean = generate("Hello")
+    assert clean is not cache and (clean.batch, clean.capacity) == size
+    assert other.token_ids == fresh.token_ids
 
 
 @pytest.mark.parametrize("stored, S", [(4, 1), (2, 3)])
