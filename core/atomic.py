@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from gptedge.errors import GptEdgeError, OutputBusyError, OutputExistsError
+from gptedge.errors import GptEdgeError, OutputBusyError, OutputExistsError, UsageError
 
 _TMP_PREFIX = ".tmp-gptedge-"
 _OLD_PREFIX = ".old-gptedge-"
@@ -44,19 +44,41 @@ def _clean_stale(parent: Path, name: str) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_output_dir(source: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False, *,
+                     error: type[GptEdgeError] = UsageError) -> None:
+    """Refuse, before any work, an output folder that cannot be written for input `source`.
+
+    The output overlaps the input when it is the same folder, lies inside it or contains it: writing it would
+    replace (or change) the source, so it raises `error` (the command's error for a bad option). An existing
+    output without `force`, or one that is not a folder, raises OutputExistsError, as `atomic_output_dir` does.
+    Paths resolve as the loaders and the writer resolve them (the source with `~` expanded).
+    """
+    src, dst = Path(source).expanduser().resolve(), Path(out).resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise error(f"the output folder {out} overlaps the input {source} (it is the same folder, lies inside it or "
+                    "contains it): writing it would replace the source; choose another output folder")
+    _check_destination(dst, force)
+
+
+def _check_destination(dest: Path, force: bool) -> None:
+    """OutputExistsError when the resolved `dest` exists and `force` is False, or exists and is not a folder."""
+    if dest.exists() and not force:
+        raise OutputExistsError(f"{dest} already exists; pass --force (force=True) to replace it, "
+                                "or choose another folder")
+    if dest.exists() and not dest.is_dir():
+        raise OutputExistsError(f"{dest} exists and is not a folder; remove it or choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dest: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on clean exit it replaces `dest`, on error it is removed.
 
     Raises OutputExistsError when `dest` exists and `force` is False, and a
     GptEdgeError naming the folder when it cannot be written (permissions, full disk).
+    A command that reads an input checks `check_output_dir` first, before its work starts.
     """
     dest = Path(dest).resolve()
-    if dest.exists() and not force:
-        raise OutputExistsError(f"{dest} already exists; pass --force (force=True) to replace it, "
-                                "or choose another folder")
-    if dest.exists() and not dest.is_dir():
-        raise OutputExistsError(f"{dest} exists and is not a folder; remove it or choose another output path")
+    _check_destination(dest, force)
     parent = dest.parent
     with contextlib.ExitStack() as stack:
         try:

@@ -104,12 +104,19 @@ def load_source(path: str | Path) -> Source:
         raise CheckpointError(f"{path} is a file but not a GGUF model; pass a GGUF file, or the folder that holds "
                               "config.json and the weights")
     if checkpoint.is_checkpoint(path):
-        model, _ = checkpoint.load_checkpoint(path)
+        from gptedge.train.lora import merge_lora
+
+        model, meta = checkpoint.load_checkpoint(path)
+        model = merge_lora(model)  # a LoRA run's adapters become part of the weights the bundle is verified on
         tok = load_tokenizer(path / checkpoint.TOKENIZER)
+        facts = meta.get("source") or {}  # a fine-tuned import keeps what its bundle needs
         return Source(
             kind="gptedge-checkpoint", path=path.resolve(), model=model.eval().requires_grad_(False), tokenizer=tok,
-            tokenizer_file=path / checkpoint.TOKENIZER, special_tokens=_gptedge_special_tokens(tok),
-            weight_files=[path / checkpoint.WEIGHTS], family=family_name(model.config), chat_template=DEFAULT_TEMPLATE,
+            tokenizer_file=path / checkpoint.TOKENIZER,
+            special_tokens=facts.get("special_tokens") or _gptedge_special_tokens(tok),
+            generation_defaults=facts.get("generation_defaults") or {},
+            weight_files=[path / checkpoint.WEIGHTS], family=facts.get("family") or family_name(model.config),
+            chat_template=facts["chat_template"] if "chat_template" in facts else DEFAULT_TEMPLATE,
         )
     if hf.is_hf_folder(path):
         return hf.load_hf(path)
@@ -137,17 +144,6 @@ def _check_options(target: str, dtype: str | None, kv: str, genai: bool = False)
         raise UsageError("--genai needs the in-place KV graph (onnxruntime-genai shares one buffer per layer); "
                          "drop --kv concat")
     return dtype
-
-
-def _check_paths(source: Path, out: Path, force: bool) -> None:
-    from gptedge.errors import OutputExistsError
-
-    src, dst = source.expanduser().resolve(), out.expanduser().resolve()
-    if dst == src or dst in src.parents:
-        raise UsageError(f"the output folder {out} would replace the source {source}; choose another output folder")
-    if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} already exists; pass --force (force=True) to replace it, "
-                                "or choose another folder")
 
 
 def _context(max_context: int | None, config) -> int:
@@ -236,6 +232,9 @@ def export_bundle(
     genai: bool = False,
     dequantize: bool = False,
     eval_text: Any = None,
+    embeddings: bool | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -249,17 +248,26 @@ def export_bundle(
     dequantize: a quantized source (GGUF) is written as its float model instead of keeping its blocks.
     eval_text: held-out text for a quantized source's gate (files, folders, globs or text; default: built-in
     English prose, gptedge.quantize.texts.builtin_text).
+    embeddings: write an embedding bundle (pooled vectors, gptedge.export.embeddings) instead of a generation
+    one; default: when the folder carries sentence-transformers' modules.json. pooling ("last", "mean",
+    "first") and normalize override what the folder says.
     Raises UsageError, CheckpointError, OutputExistsError, ExportError (verification) or GptEdgeError
     (unwritable output); in every case nothing is written.
     """
-    from gptedge.atomic import atomic_output_dir
+    from gptedge.atomic import atomic_output_dir, check_output_dir
+    from gptedge.export.embeddings import embedding_settings, export_embedding_graph, verify_embeddings
     from gptedge.export.graph import OPSET, attention_kernel, export_graph, io_spec
     from gptedge.export.verify import verify
     from gptedge.quantize.genai import add_genai
 
     dtype = _check_options(target, dtype, kv, genai)
     source, out_dir = Path(source), Path(out_dir)
-    _check_paths(source, out_dir, force)
+    if embeddings is None:
+        embeddings = (source / "modules.json").is_file()
+    if embeddings and genai:
+        raise UsageError("an embedding bundle has no onnxruntime-genai graph; drop --genai", field="genai")
+    settings = embedding_settings(source, pooling, normalize) if embeddings else None
+    check_output_dir(source, out_dir, force)
     log = Progress(progress)
     started = time.perf_counter()
     with log.stage("load", f"loading {source}"):
@@ -276,21 +284,34 @@ def export_bundle(
         kv_cache=KVCacheSpec(update=kv, layout="BNSH", dtype=dtype),
         special_tokens=src.special_tokens, generation_defaults=src.generation_defaults, chat_template=src.chat_template,
     )
-    kernel = attention_kernel(kv, config, target)
+    if settings is not None:
+        spec.task, spec.embedding = "embedding", {**settings, "dimensions": config.n_embd}
+        kernel = "sdpa (standard ops, pooled)"
+    else:
+        kernel = attention_kernel(kv, config, target)
     log.note(f"attention: {kernel}")
     with atomic_output_dir(out_dir, force=force) as tmp:
         model = export_model(src.model, context, dtype)
-        with log.stage("trace", f"tracing the graph (dynamo, opset {OPSET}, kv={kv}, {dtype}) and saving it"):
-            stats = export_graph(model, kv, tmp / MODEL_NAME, context_length=context, target=target)
+        with log.stage("trace", f"tracing the graph (dynamo, opset {OPSET}, "
+                                f"{'embeddings' if settings else f'kv={kv}'}, {dtype}) and saving it"):
+            if settings is not None:
+                stats = export_embedding_graph(model, settings, tmp / MODEL_NAME)
+            else:
+                stats = export_graph(model, kv, tmp / MODEL_NAME, context_length=context, target=target)
         del model
         if src.tokenizer_file is not None:
             shutil.copyfile(src.tokenizer_file, tmp / TOKENIZER_NAME)
         else:
             src.tokenizer.save(str(tmp / TOKENIZER_NAME))
-        with log.stage("verify", "verifying against PyTorch in ONNX Runtime (batch 2, prefill + decode)"):
-            ids = src.tokenizer.encode("def main():\n    print('hello, world')\n").ids
-            spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
-        if src.stored is not None and src.stored.quantized and not dequantize:
+        ids = src.tokenizer.encode("def main():\n    print('hello, world')\n").ids
+        if settings is not None:
+            with log.stage("verify", "verifying the vectors against PyTorch in ONNX Runtime (padded batch, alone)"):
+                texts = [ids, ids[: max(2, len(ids) // 3)], src.tokenizer.encode("The quick brown fox.").ids or ids]
+                spec.verification = verify_embeddings(src.model, settings, tmp / MODEL_NAME, texts)
+        else:
+            with log.stage("verify", "verifying against PyTorch in ONNX Runtime (batch 2, prefill + decode)"):
+                spec.verification = verify(src.model, tmp / MODEL_NAME, spec, token_ids=ids)
+        if src.stored is not None and src.stored.quantized and not dequantize and settings is None:
             from gptedge.export.stored import keep_stored_quantization
 
             with log.stage("keep", "keeping the file's quantized blocks, checked against the dequantized model"):
@@ -320,9 +341,9 @@ def export_bundle(
     out = out_dir.expanduser().resolve()
     sizes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     v = spec.verification
-    log.note(
-        f"wrote {out} ({sizes / 1e6:.1f} MB, {stats.nodes} nodes) in {time.perf_counter() - started:.1f} s; "
-        f"max |diff| prefill {v['max_abs_diff_prefill']:.2e}, decode {v['max_abs_diff_decode']:.2e}, "
-        f"greedy agreement {v['greedy_agreement']:.0%} over {v['greedy_compared']} tokens"
-    )
+    checked = (f"cosine to PyTorch >= {v['min_cosine']:.6f} over {v['texts']} texts" if settings is not None else
+               f"max |diff| prefill {v['max_abs_diff_prefill']:.2e}, decode {v['max_abs_diff_decode']:.2e}, "
+               f"greedy agreement {v['greedy_agreement']:.0%} over {v['greedy_compared']} tokens")
+    log.note(f"wrote {out} ({sizes / 1e6:.1f} MB, {stats.nodes} nodes) in {time.perf_counter() - started:.1f} s; "
+             + checked)
     return out

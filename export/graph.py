@@ -425,6 +425,7 @@ def tidy(proto):
     proto.graph.doc_string = ""
     used: set[str] = set()
     renamed: dict[str, str] = {}
+    weights = {init.name for init in proto.graph.initializer}  # a val_ input computed by a node keeps its name
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")) or []  # full module paths, op last
@@ -439,7 +440,8 @@ def tidy(proto):
         node.name = name
         del node.metadata_props[:]
         node.doc_string = ""
-        if module and node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1].startswith("val_"):
+        if (module and node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1].startswith("val_")
+                and node.input[1] in weights):
             renamed.setdefault(node.input[1], f"{module}.weight_t")  # [in, out]: the transposed Linear weight
     for init in proto.graph.initializer:
         init.name = renamed.get(init.name, init.name.removeprefix("model."))

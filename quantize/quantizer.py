@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gptedge.atomic import atomic_output_dir
-from gptedge.errors import OutputExistsError, QuantizeError
+from gptedge.atomic import atomic_output_dir, check_output_dir
+from gptedge.errors import QuantizeError
 from gptedge.quantize import gate
 from gptedge.quantize.build import build_quantized_model, collect_hessians
 from gptedge.quantize.recipes import (
@@ -189,16 +189,6 @@ def _gate_limit(max_ppl_increase: float | None, max_eval_tokens: int, recipe: Me
     return float(limit)
 
 
-def _check_out(source: Path, out: Path, force: bool) -> None:
-    """Refuse an output that overlaps the input (replacing it would destroy the source) or exists without force."""
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise QuantizeError(f"the output folder {out} overlaps the input bundle {source}; choose another folder")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force (force=True) to replace it, "
-                                "or choose another folder")
-
-
 def _calibration_windows(ids: np.ndarray, context: int, max_windows: int = 32, length: int = 128) -> list[np.ndarray]:
     """Up to `max_windows` prefill windows spread evenly over the calibration text, each within the context."""
     length = min(length, context)
@@ -216,7 +206,7 @@ def _kv_windows(ids: np.ndarray, context: int, length: int = 256, max_tokens: in
     return [ids[s:s + length] for s in range(0, len(ids), length) if len(ids[s:s + length])]
 
 
-def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None, eval_text: TextInput | None,
+def _prepare(source: Path, out: Path, *, method: str, calibration: TextInput | None, eval_text: TextInput | None,
              max_ppl_increase: float | None, float_embeddings: bool, block_size: int | None, max_eval_tokens: int,
              genai: bool | None, kv_cache: str | None, force: bool, progress: bool, log: Log) -> _Job:
     """Every check that costs seconds, in order, before minutes of work: a bad option fails fast, writing nothing."""
@@ -227,7 +217,7 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     block = _block_size(spec, recipe, block_size, log)
     limit = _gate_limit(max_ppl_increase, max_eval_tokens, recipe)
     kv = _kv_cache(spec, kv_cache)
-    _check_out(source, out, force)
+    check_output_dir(source, out, force, error=QuantizeError)
     genai = _genai(source, spec, genai)
     tokenizer = Tokenizer.from_file(str(source / TOKENIZER_NAME))
     calibrates = recipe.calibrated or kv is not None
@@ -241,8 +231,9 @@ def _prepare(source: Path, out: Path, method: str, calibration: TextInput | None
     elif recipe.calibrated:
         windows = _calibration_windows(texts.calibration_ids, context)
     kv_windows = _kv_windows(texts.calibration_ids, context) if kv else None
-    return _Job(source, spec, recipe, block, float_embeddings, limit, texts, data, windows, progress, genai, kv,
-                kv_windows, _rungs(spec, recipe, block_size))
+    return _Job(source=source, spec=spec, recipe=recipe, block_size=block, float_embeddings=float_embeddings,
+                max_ppl_increase=limit, texts=texts, data=data, windows=windows, progress=progress, genai=genai,
+                kv_cache=kv, kv_windows=kv_windows, rungs=_rungs(spec, recipe, block_size))
 
 
 def _rungs(spec: BundleSpec, recipe: Method, block_size: int | None) -> tuple[Rung, ...]:
@@ -477,8 +468,10 @@ def quantize_bundle(
     """
     log = log or _stderr
     out = Path(out_dir)
-    job = _prepare(Path(bundle), out, method, calibration, eval_text, max_ppl_increase, float_embeddings, block_size,
-                   max_eval_tokens, genai, kv_cache, force, progress, log)
+    job = _prepare(Path(bundle), out, method=method, calibration=calibration, eval_text=eval_text,
+                   max_ppl_increase=max_ppl_increase, float_embeddings=float_embeddings, block_size=block_size,
+                   max_eval_tokens=max_eval_tokens, genai=genai, kv_cache=kv_cache, force=force, progress=progress,
+                   log=log)
     started = time.perf_counter()
     reference, measured_on = _measure_reference(job, log)
     float_bytes = model_bytes(job.source)

@@ -49,6 +49,8 @@ TARGETS = PROVIDER_NAMES  # a bundle is built for one provider (gptedge.runtime.
 DTYPES = ("fp32", "fp16")
 # A KV cache can also be int8 (gptedge.quantize.kvcache: calibrated per-channel scales, in-place graphs only).
 KV_DTYPES = (*DTYPES, "int8")
+TASKS = ("generation", "embedding")
+POOLINGS = ("last", "mean", "first")  # how an embedding bundle pools its hidden states
 KV_UPDATES = ("inplace", "concat")
 # Anything bigger than this in gptedge.json's dimensions is a hostile or broken file, not a model.
 _MAX_DIM = 1 << 22
@@ -130,6 +132,9 @@ class BundleSpec:
     provenance: dict[str, Any] = field(default_factory=dict)  # source hash, tool versions, time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     chat_template: str | None = None  # the source model's Jinja chat template, as text (None: none shipped)
+    task: str = "generation"  # TASKS: "generation" (logits over a KV cache) or "embedding" (pooled vectors)
+    # Embedding bundles: pooling ("last", "mean", "first"), normalize, dimensions, prompts {name: prefix}, source
+    embedding: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -182,6 +187,14 @@ class BundleSpec:
                 raise BundleError(f"{SPEC_NAME}: {name} must be a JSON object; the bundle is corrupt, re-export it")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise BundleError(f"{SPEC_NAME}: chat_template must be text or null; the bundle is corrupt, re-export it")
+        if self.task not in TASKS:
+            raise BundleError(f"{SPEC_NAME}: task {self.task!r} is not one of {TASKS}; re-export the bundle")
+        if self.task == "embedding":
+            e = self.embedding
+            if not (isinstance(e, dict) and e.get("pooling") in POOLINGS and isinstance(e.get("normalize"), bool)
+                    and e.get("dimensions") == self.architecture.n_embd and isinstance(e.get("prompts", {}), dict)):
+                raise BundleError(f"{SPEC_NAME}: an embedding bundle needs embedding.pooling (one of {POOLINGS}), "
+                                  "normalize and dimensions (the model's width); re-export the bundle")
         if self.quantization is not None and not isinstance(self.quantization, dict):
             raise BundleError(f"{SPEC_NAME}: quantization must be a JSON object or null; "
                               "the bundle is corrupt, re-export it")
@@ -218,6 +231,9 @@ def check_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, li
     KV cache's dtype. Runs on what the scanner read, before onnxruntime sees the file.
     """
     a, io = spec.architecture, spec.io
+    if spec.task == "embedding":
+        _check_embedding_graph(spec, inputs, outputs)
+        return
     problems = []
     layers = 0
     while layers < len(inputs) and io.past_key.format(layer=layers) in inputs:
@@ -316,3 +332,18 @@ def read_spec(folder: str | os.PathLike[str], verify_checksums: bool = True) -> 
             raise BundleError(f"bundle file {relative} does not match its sha256 in {SPEC_NAME}: "
                               "it was modified or corrupted; re-export or re-copy the bundle")
     return spec
+
+
+EMBEDDING_INPUTS, EMBEDDING_OUTPUT = ("input_ids", "attention_mask"), "embeddings"
+
+
+def _check_embedding_graph(spec: BundleSpec, inputs: dict[str, list], outputs: dict[str, list]) -> None:
+    problems = [f"no graph input {name!r}" for name in EMBEDDING_INPUTS if name not in inputs]
+    shape = outputs.get(EMBEDDING_OUTPUT)
+    if shape is None:
+        problems.append(f"no graph output {EMBEDDING_OUTPUT!r}")
+    elif shape and isinstance(shape[-1], int) and shape[-1] != spec.architecture.n_embd:
+        problems.append(f"n_embd={spec.architecture.n_embd} but the vectors have {shape[-1]} entries")
+    if problems:
+        raise BundleError(f"{SPEC_NAME} does not match model.onnx ({'; '.join(problems)}); "
+                          "the bundle is corrupt or mixed up, re-export it")

@@ -34,6 +34,7 @@ from gptedge.runtime.sampling import (
     SamplingParams,
     TokenDistribution,
     log_softmax,
+    ranked_top_k,
     sample_next,
     token_distribution,
 )
@@ -267,12 +268,7 @@ class Decoding:
 
     def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
         lp = log_softmax(np.asarray(logits[: self._vocab], np.float64))
-        k = min(self._logprobs, lp.shape[0])
-        top: tuple[tuple[int, float], ...] = ()
-        if k:
-            ids = np.argpartition(-lp, k - 1)[:k]
-            ids = ids[np.lexsort((ids, -lp[ids]))]
-            top = tuple((int(i), float(lp[i])) for i in ids)
+        top = tuple((int(i), float(lp[i])) for i in ranked_top_k(lp, self._logprobs))
         return TokenLogprob(int(token), float(lp[token]), top)
 
     def finish(self, reason: str = "cancelled") -> tuple[GenerationResult, str]:

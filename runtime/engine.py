@@ -54,7 +54,7 @@ class Engine:
         self.spec = spec
         self.arch = spec.architecture
         self.io = spec.io
-        self.device = device  # "cpu" or "cuda": where the KV buffers live
+        self.device = device  # where the KV buffers live: "cpu", "cuda" or "dml" (loading.make_engine chooses)
         self.kv_dtype = NP_DTYPES[spec.kv_cache.dtype]
         self.inplace = spec.kv_cache.update == "inplace"
         self.past_names = self.io.past_names(self.arch.n_layer)
@@ -97,11 +97,16 @@ class Engine:
                                    np.zeros(batch, np.int64), check=False)
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
                   for _ in self.past_names]
+        return KVCache(batch, capacity, np.zeros(batch, np.int64), InPlaceKV(values, self._bind_in_place(values)))
+
+    def _bind_in_place(self, values: list[ort.OrtValue]) -> ort.IOBinding:
+        """A binding with each layer's buffer bound as both its past input and its present output: same memory, so
+        the step writes the new keys and values in place."""
         binding = self.session.io_binding()
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # same memory: the step writes in place
-        return KVCache(batch, capacity, np.zeros(batch, np.int64), InPlaceKV(values, binding))
+            binding.bind_ortvalue_output(present, value)
+        return binding
 
     @property
     def kv_device_is_host(self) -> bool:
@@ -128,11 +133,7 @@ class Engine:
             raise UsageError("cache_over needs an in-place graph running on the CPU")
         batch, _, capacity, _ = arrays[0].shape
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        binding = self.session.io_binding()
-        for past, present, value in zip(self.past_names, self.present_names, values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        return KVCache(batch, capacity, lengths, InPlaceKV(values, binding, host=arrays))
+        return KVCache(batch, capacity, lengths, InPlaceKV(values, self._bind_in_place(values), host=arrays))
 
     def host_rows(self, rows: int, capacity: int) -> HostRows:
         """`rows` sequences of up to `capacity` positions in host arrays (in-place graphs on the CPU)."""

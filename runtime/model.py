@@ -44,7 +44,7 @@ from gptedge.runtime.providers import (
     create_session,
     spin_default,
 )
-from gptedge.runtime.sampling import SamplingParams, softmax
+from gptedge.runtime.sampling import SamplingParams, ranked_top_k, softmax
 from gptedge.runtime.speculative import stream_speculative
 
 log = logging.getLogger("gptedge.runtime")
@@ -163,6 +163,10 @@ class Model:
             engine, tokenizer, spec, info = optimum.load(folder, provider, threads, spin)
             return cls(engine, tokenizer, spec, folder, info, time.perf_counter() - start)
         spec = read_verified_spec(folder, verify)
+        if spec.task == "embedding":  # vectors, not text: gptedge.runtime.embedder
+            from gptedge.runtime.embedder import EmbeddingModel
+
+            return EmbeddingModel.from_spec(folder, spec, provider, threads, cache, start)  # type: ignore[return-value]
         choice = choose_provider(provider, spec)
         model_path = folder / MODEL_NAME
         scan = scan_graph(model_path)  # before onnxruntime reads a byte of it
@@ -212,6 +216,11 @@ class Model:
     @property
     def eos_id(self) -> int | None:
         return self.spec.special_tokens.get("eos_id")
+
+    @property
+    def pad_id(self) -> int:
+        """The token that fills a batch's shorter rows (never attended to): the bundle's pad id, else eos, else 0."""
+        return int(self.spec.special_tokens.get("pad_id", self.eos_id) or 0)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -272,8 +281,8 @@ class Model:
         base.update(overrides)
         return SamplingParams(**base)
 
-    def _plan(self, ids: list[int], params: SamplingParams, explicit_max: bool,
-              truncate: str | None) -> tuple[list[int], SamplingParams, str]:
+    def _fit_context(self, ids: list[int], params: SamplingParams, explicit_max: bool,
+                     truncate: str | None) -> tuple[list[int], SamplingParams, str]:
         """Fit prompt + max_new_tokens into the context: error, left-truncate, or (default budget) shorten."""
         if truncate not in TRUNCATE_MODES:
             raise UsageError(f"truncate must be None or 'left', got {truncate!r}", field="truncate")
@@ -295,7 +304,7 @@ class Model:
     def _prepare(self, prompt, params, truncate, overrides) -> tuple[list[int], SamplingParams, str]:
         p = self.sampling_params(params, **overrides)
         explicit = params is not None or "max_new_tokens" in overrides
-        return self._plan(self.prompt_ids(prompt), p, explicit, truncate)
+        return self._fit_context(self.prompt_ids(prompt), p, explicit, truncate)
 
     # -- generation ------------------------------------------------------------------------------------
     def stream(
@@ -396,20 +405,20 @@ class Model:
         from gptedge.runtime.tools import conversation, plan_tools
 
         chat_template = template_for(self, template)
-        plan, native = plan_tools(chat_template.source, None if tools is None else list(tools), tool_choice,
-                                  parallel_tool_calls)
-        rendered, extra = conversation(list(messages), plan.tools if plan else None,
-                                       plan.format if plan else None, native)
+        tool_plan, native = plan_tools(chat_template.source, None if tools is None else list(tools), tool_choice,
+                                       parallel_tool_calls)
+        rendered, extra = conversation(list(messages), tool_plan.tools if tool_plan else None,
+                                       tool_plan.format if tool_plan else None, native)
         ids = self.encode(chat_template.render(rendered, **extra))
         constraint = None
-        if plan is not None:
+        if tool_plan is not None:
             from gptedge.runtime.structured import GrammarFactory
 
-            constraint = GrammarFactory(self.tokenizer, self.stop_ids).lark(plan.grammar)
+            constraint = GrammarFactory(self.tokenizer, self.stop_ids).lark(tool_plan.grammar)
         result = self.generate(ids, params, constraint=constraint,
                                stop_strings=tuple(sampling.pop("stop_strings", ())) + chat_template.stop_strings,
                                **sampling)
-        calls = plan.calls(result.text) if plan is not None else None
+        calls = tool_plan.calls(result.text) if tool_plan is not None else None
         return ChatReply(None if calls else result.text, calls, result)
 
     def generate_batch(
@@ -430,10 +439,9 @@ class Model:
         _check_cancel(cancel)
         p = self.sampling_params(params, **sampling)
         explicit = params is not None or "max_new_tokens" in sampling
-        plans = [self._plan(self.prompt_ids(x), p, explicit, truncate) for x in prompts]
-        pad = self.spec.special_tokens.get("pad_id", self.eos_id) or 0
-        seqs = [Decoding(self.tokenizer, ids, q, length_reason=reason) for ids, q, reason in plans]
-        return generate_rows(self.engine, seqs, cancel=cancel, pad_id=int(pad))
+        fitted = [self._fit_context(self.prompt_ids(x), p, explicit, truncate) for x in prompts]
+        seqs = [Decoding(self.tokenizer, ids, q, length_reason=reason) for ids, q, reason in fitted]
+        return generate_rows(self.engine, seqs, cancel=cancel, pad_id=self.pad_id)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def next_tokens(self, prompt: str | Sequence[int], k: int = 10) -> list[tuple[str, int, float]]:
@@ -449,10 +457,8 @@ class Model:
             probs = softmax(logits)
         finally:
             cache.release()
-        k = min(k, probs.shape[0])
-        top = np.argpartition(-probs, k - 1)[:k]
-        top = top[np.lexsort((top, -probs[top]))]  # by probability, ties by id
-        return [(self.decode([int(i)], skip_special_tokens=False), int(i), float(probs[i])) for i in top]
+        return [(self.decode([int(i)], skip_special_tokens=False), int(i), float(probs[i]))
+                for i in ranked_top_k(probs, k)]
 
     def perplexity(self, text: str | Sequence[int], window: int | None = None, stride: int | None = None) -> float:
         """Perplexity of `text` (or token ids) under the model.

@@ -121,7 +121,7 @@ def load(folder: Path, provider: str, threads: int | None, spin: bool = False):
     config = _config(folder)
     model_path = folder / MODEL_NAME
     scan_model(model_path)
-    provisional = spec_from_graph_names_only(config)
+    provisional = spec_for_provider_choice(config)
     choice = choose_provider(provider, provisional)
     session, info = create_session(model_path, choice, threads, key=None, spin=spin)
     spec = spec_from_graph(config, {i.name: i.type for i in session.get_inputs()},
@@ -130,6 +130,7 @@ def load(folder: Path, provider: str, threads: int | None, spin: bool = False):
     return make_engine(session, spec, info.choice), tokenizer, spec, info
 
 
-def spec_from_graph_names_only(config: dict[str, Any]) -> BundleSpec:
-    """What provider choice needs before a session exists: a concat fp32 spec (runs on any provider)."""
+def spec_for_provider_choice(config: dict[str, Any]) -> BundleSpec:
+    """A spec from config.json alone (no graph read) for choosing the provider before a session exists: concat KV
+    and fp32, which every provider runs; `spec_from_graph` replaces it once the session names the graph's IO."""
     return BundleSpec(architecture=architecture(config), kv_cache=KVCacheSpec(update="concat"))

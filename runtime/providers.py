@@ -150,10 +150,9 @@ def spin_default() -> bool:
 
 
 # One intra-op thread for models this small: their decode step is mostly per-operator overhead, and handing each
-# small operator to a second thread costs more than it saves (benchmarks/results/runtime-choices.json,
-# decode_by_threads: the 1.2 MB demo model decodes about 2x faster on one thread than on two, the 129 MB
-# GPT-2-124M-shape INT8 bundle about 1.1x faster on two). The crossover between them is not measured; below
-# this size one thread is the measured side of it.
+# small operator to a second thread costs more than it saves, while a GPT-2-124M-shape bundle gains from a second
+# thread (benchmarks/results/runtime-choices.json, decode_by_threads). Where between the two sizes the crossover
+# lies is not measured: this bound stays on the side measured to favour one thread.
 SINGLE_THREAD_MAX_BYTES = 16 << 20
 
 

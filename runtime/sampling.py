@@ -46,6 +46,7 @@ __all__ = [
     "filter_logits",
     "log_softmax",
     "min_p_filter",
+    "ranked_top_k",
     "sample_next",
     "softmax",
     "token_distribution",
@@ -65,6 +66,29 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+# The numeric SamplingParams fields: field -> (what a valid value passes, the allowed values as the message says them).
+# SamplingParams.validate and the public filters check through `_check`, so a direct caller gets the same message.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: _is_real(v) and not math.isnan(v) and v >= 0 and not math.isinf(v),
+                    "a finite number >= 0 (0 means greedy)"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 switches it off)"),
+    "top_p": (lambda v: _is_real(v) and not math.isnan(v) and 0.0 < v <= 1.0, "in (0, 1] (1 switches it off)"),
+    "min_p": (lambda v: _is_real(v) and not math.isnan(v) and 0.0 <= v < 1.0, "in [0, 1) (0 switches it off)"),
+    "repetition_penalty": (lambda v: _is_real(v) and math.isfinite(v) and v > 0,
+                           "a finite number > 0 (1 switches it off)"),
+    "presence_penalty": (lambda v: _is_real(v) and math.isfinite(v), "a finite number (0 switches it off)"),
+    "frequency_penalty": (lambda v: _is_real(v) and math.isfinite(v), "a finite number (0 switches it off)"),
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def _check(name: str, value: Any) -> None:
+    """UsageError (its field `name`) saying the allowed values when `value` breaks `name`'s rule in _RULES."""
+    valid, allowed = _RULES[name]
+    if not valid(value):
+        raise UsageError(f"{name} must be {allowed}, got {value!r}", field=name)
 
 
 @dataclass(frozen=True)
@@ -111,29 +135,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise UsageError naming the allowed values for the first bad field."""
-        t = self.temperature
-        if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise UsageError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}",
-                             field="temperature")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}", field="top_k")
-        p = self.top_p
-        if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}", field="top_p")
-        mp = self.min_p
-        if not _is_real(mp) or math.isnan(mp) or not 0.0 <= mp < 1.0:
-            raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {mp!r}", field="min_p")
-        r = self.repetition_penalty
-        if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise UsageError(f"repetition_penalty must be a finite number > 0 (1 switches it off), got {r!r}",
-                             field="repetition_penalty")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v):
-                raise UsageError(f"{name} must be a finite number (0 switches it off), got {v!r}", field=name)
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
-                             field="max_new_tokens")
+        for name in _RULES:
+            _check(name, getattr(self, name))
         for i in self.stop_token_ids:
             if not _is_int(i) or i < 0:
                 raise UsageError(f"stop_token_ids must be non-negative integer token ids, got {i!r}",
@@ -163,9 +166,9 @@ class SamplingParams:
 # ascending token ids whose logit is > -inf (None meaning "all of them", the
 # common dense case, so no index array is built) and vals their logits. After
 # top-k only k candidates remain, so every later step (softmax, sort, cumsum,
-# draw) costs O(k), not O(V): exp() of -inf and index arrays over 50k tokens are
-# what made a naive full-vocabulary pipeline slow. The public full-row filters
-# convert to this form and back, so they and `sample_next` run the same code.
+# draw) costs O(k), not O(V), and no exp() of -inf or index array spans the
+# whole vocabulary. The public full-row filters convert to this form and back,
+# so they and `sample_next` run the same code.
 
 Cands = tuple["np.ndarray | None", np.ndarray]
 
@@ -191,8 +194,8 @@ def _shift_max_to_zero(x: np.ndarray, axis: int = -1, inplace: bool = False) -> 
 
     Rows whose max is +inf become 0 at the +inf entries and -inf elsewhere (the
     +inf tokens share the mass); a row with no finite logit has no distribution.
-    `inplace` reuses x's buffer: fresh 400 KB temporaries per token cost more
-    than the arithmetic on them (page faults), so the hot path avoids them.
+    `inplace` reuses x's buffer: fresh vocabulary-sized temporaries per token
+    cost more than the arithmetic on them (page faults), so the hot path avoids them.
     """
     if x.ndim == 1:  # one row, the sampling hot path: a Python float check instead of three tiny-array ops
         top = float(x.max())
@@ -397,13 +400,13 @@ HEAD_RATIO = 1 / 16  # each pass of `_nucleus` lowers its probability threshold 
 def _nucleus(probs: np.ndarray, p: float) -> tuple[int, float]:
     """(how many tokens top-p keeps, probability of the last one kept).
 
-    Sorts values, never indices (an argsort over 50k is ~10x slower than a value sort), and only a head of
-    them: every value >= a threshold, the threshold starting at max / 16 and falling 16x a pass until the
-    head holds mass p. A head holds every value tied with its threshold, so it is an exact prefix of the fully
-    sorted values and its sequential cumsum equals the full one's: the result is the full sort's, bit for bit.
-    A threshold costs one comparison and a masked sum over the row, less than the np.partition per pass this
-    replaced (both in benchmarks/results/runtime-choices.json `sampling`); peaked distributions reach p in the
-    first pass or two, flat ones within a few more. Zero probabilities carry no mass and are never counted.
+    Sorts values, never indices (an argsort is much slower than a value sort), and only a head of them: every
+    value >= a threshold, the threshold starting at max / 16 and falling 16x a pass until the head holds mass p.
+    A head holds every value tied with its threshold, so it is an exact prefix of the fully sorted values and its
+    sequential cumsum equals the full one's: the result is the full sort's, bit for bit. A threshold costs one
+    comparison and a masked sum over the row, less than an np.partition per pass would
+    (benchmarks/results/runtime-choices.json `sampling`); peaked distributions reach p in the first pass or two,
+    flat ones within a few more. Zero probabilities carry no mass and are never counted.
     """
     top = float(probs.max())
     thr = top * HEAD_RATIO
@@ -448,8 +451,7 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     tokens survive (fewer only if fewer than k logits are > -inf) and
     top_k = 1 picks the same token as greedy. Uses np.partition, O(V), no sort.
     """
-    if not _is_int(k) or k < 0:
-        raise UsageError(f"top_k must be an integer >= 0 (0 switches it off), got {k!r}")
+    _check("top_k", k)
     return _full_row_filter(logits, _top_k, int(k))
 
 
@@ -462,8 +464,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     rounding leaves the total just below p, all non-zero tokens stay). p = 1
     keeps everything.
     """
-    if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1] (1 switches it off), got {p!r}")
+    _check("top_p", p)
     return _full_row_filter(logits, _top_p, float(p))
 
 
@@ -473,9 +474,18 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
     Unlike top-p this scales with the model's confidence: a peaked distribution
     keeps few tokens, a flat one keeps many. min_p < 1 always keeps the top token.
     """
-    if not _is_real(min_p) or math.isnan(min_p) or not 0.0 <= min_p < 1.0:
-        raise UsageError(f"min_p must be in [0, 1) (0 switches it off), got {min_p!r}")
+    _check("min_p", min_p)
     return _full_row_filter(logits, _min_p, float(min_p))
+
+
+def ranked_top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest of `values` [V] (k clipped to V), largest first and equal values in position order:
+    the rows of the next-token table and the rivals of a token's log probability."""
+    k = min(k, values.shape[0])
+    if k < 1:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-values, k - 1)[:k]
+    return top[np.lexsort((top, -values[top]))]
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -51,8 +51,9 @@ LOOKUP_PAUSE = 4  # ... for prompt lookup, whose retry costs one verify step and
 MAX_BACKOFF = 4  # ... at most PAUSE << MAX_BACKOFF steps
 PROBE = 2  # timed runs start with this many plain steps, to measure what a plain token costs
 EMA = 0.3  # weight of the newest measurement in the running averages
-VERIFY_EXTRA = 0.125  # each proposal adds about this fraction of a one-token step to a verify step: what k = 8 costs
-# per proposal on the GPT-2-124M shape (benchmarks/results/speculative.json, `ratio`)
+# What each proposal adds to a verify step, as a fraction of a one-token step: the untimed estimate `Pacer.pays`
+# weighs acceptance against (the measured costs are in benchmarks/results/speculative.json, `ratio`).
+VERIFY_EXTRA = 0.125
 
 
 class NgramIndex:

@@ -86,8 +86,10 @@ TRAITS: dict[str, ProviderTraits] = {
         auto_quantize=("int8", "MatMulNBits is the one INT8 form DirectML runs fused (dequantize + GEMM)"),
     ),
 }
-PROVIDER_NAMES = tuple(TRAITS)  # the table's order; CPU, the fallback, first
-AUTO_ORDER = ("cuda", "dml")  # what the "auto" provider tries, in order, before CPU
+PROVIDER_NAMES = tuple(TRAITS)  # the table's order, as --provider and --target list them: CPU, the fallback, first
+# The preference of the "auto" provider: the first of these that onnxruntime offers and that can run the bundle,
+# else CPU (gptedge.runtime.providers.choose_provider).
+AUTO_ORDER = ("cuda", "dml")
 # Bundles written before gptedge.json recorded `quantization.kind` name only their recipe.
 LEGACY_QUANT_KINDS = {"int8-weight": "weight", "int4-weight": "weight", "int8-dynamic": "dynamic",
                       "int8-static": "static"}

@@ -10,12 +10,12 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from gptedge.runtime.serve.app import ServeConfig, State, create_app
+from gptedge.runtime.serve.app import ServeConfig, ServerState, create_app
 from gptedge.runtime.serve.cli import bind
 
 
 @contextlib.contextmanager
-def live_server(bundle: Path, state_class=State, **settings) -> Iterator[tuple[str, State]]:
+def live_server(bundle: Path, state_class=ServerState, **settings) -> Iterator[tuple[str, ServerState]]:
     import uvicorn
 
     settings = {"provider": "cpu", "threads": 1, "parallel": 4, **settings}

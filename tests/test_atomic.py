@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from gptedge.atomic import atomic_output_dir
-from gptedge.errors import OutputBusyError, OutputExistsError
+from gptedge.atomic import atomic_output_dir, check_output_dir
+from gptedge.errors import OutputBusyError, OutputExistsError, QuantizeError, UsageError
 
 
 def test_output_gets_umask_permissions_not_private_temp_ones(tmp_path):
@@ -22,6 +22,30 @@ def test_output_gets_umask_permissions_not_private_temp_ones(tmp_path):
         assert (dest / "model.onnx.data").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("out", ["src", "src/inside", "."], ids=["same", "inside", "containing"])
+def test_an_output_overlapping_its_input_is_refused_with_the_command_s_error(tmp_path, out):
+    source = tmp_path / "src"
+    source.mkdir()
+    with pytest.raises(UsageError, match="overlaps the input .* would replace the source"):
+        check_output_dir(source, tmp_path / out, force=True)
+    with pytest.raises(QuantizeError, match="overlaps"):
+        check_output_dir(source, tmp_path / out, force=True, error=QuantizeError)
+
+
+def test_an_existing_output_needs_force_and_must_be_a_folder(tmp_path):
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    check_output_dir(source, out)
+    out.mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_output_dir(source, out)
+    check_output_dir(source, out, force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        check_output_dir(source, tmp_path / "file", force=True)
+    check_output_dir(source, tmp_path / "src-2")  # a sibling whose name starts like the input's does not overlap
 
 
 def test_error_inside_leaves_nothing_and_keeps_the_earlier_output(tmp_path):

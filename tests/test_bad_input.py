@@ -393,7 +393,7 @@ TRAIN_CASES = [
     ("dropout-negative", _corpus, dict(dropout=-0.5), UsageError, "--dropout must be"),
     ("lr-inf", _corpus, dict(lr=float("inf")), UsageError, "--lr must be"),
     ("resume-and-init", _corpus, dict(resume="{ckpt}", init_from="{ckpt}"), UsageError, "exclude each other"),
-    ("init-from-a-bundle", _corpus, dict(init_from="{bundle}"), CheckpointError, "it is not a gptedge checkpoint"),
+    ("init-from-a-bundle", _corpus, dict(init_from="{bundle}"), CheckpointError, "neither a gptedge checkpoint"),
 ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gptedge.runtime.serve.app import State
+from gptedge.runtime.serve.app import ServerState
 from serve_util import live_server, wait_ready
 
 OK = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
@@ -148,7 +148,7 @@ def test_full_queue_is_503_and_loading_is_503(runtime_bundle: Path) -> None:
 
     release = threading.Event()
 
-    class SlowLoad(State):
+    class SlowLoad(ServerState):
         def load(self) -> None:
             release.wait(30)
             super().load()

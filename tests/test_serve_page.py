@@ -50,13 +50,13 @@ def test_stop_ends_a_long_answer(page, page_url, monkeypatch) -> None:
     import time
 
     batcher = page_url[1].models["tiny"].batcher
-    forward = batcher.engine.forward
+    decode = batcher.engine.decode
 
     def like_a_bigger_model(*args, **kwargs):  # the tiny model finishes 100 tokens before a click lands
         time.sleep(0.02)
-        return forward(*args, **kwargs)
+        return decode(*args, **kwargs)
 
-    monkeypatch.setattr(batcher.engine, "forward", like_a_bigger_model)
+    monkeypatch.setattr(batcher.engine, "decode", like_a_bigger_model)
     page.fill("#max-tokens", "")  # empty: until the context is full
     page.fill("#temperature", "1.5")
     page.fill("#input", "Tell me a long story")

@@ -118,7 +118,7 @@ def test_jsonl_puts_the_loss_on_completions_only(tmp_path: Path, train_cache: Pa
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     src = D.read_sources([path])
-    assert src.examples[3] == ("Q: 3 plus one?\nA:", " 4") and not src.texts
+    assert src.examples[3] == [("Q: 3 plus one?\nA:", False), (" 4", True)] and not src.texts
     tok = train_tokenizer(src.training_texts(), vocab_size=300)
     data = D.load_or_build_tokens(train_cache, "jsonl-test", lambda: src, tok)
     eot = tok.token_to_id("<|endoftext|>")

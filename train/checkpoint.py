@@ -5,6 +5,8 @@
     CKPT/config.json         {"format": "gptedge-checkpoint", "version": 1, "model": ..., "train": ..., "step": ...}
     CKPT/tokenizer.json      the tokenizer the model was trained with
     CKPT/trainer_state.pt    optimizer, RNG and data-sampler state for exact resuming
+    CKPT/adapter.safetensors LoRA runs only: the adapters (config.json "lora" says how); model.safetensors then
+                             holds the frozen base weights, and loading puts the adapters back on them
 
 The folder is written atomically. Weights are safetensors (no code can hide in
 them) and trainer_state.pt is only ever read with `torch.load(weights_only=True)`,
@@ -23,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptedge.atomic import atomic_output_dir
-from gptedge.errors import CheckpointError
+from gptedge.errors import CheckpointError, GptEdgeError
+from gptedge.train import lora
 from gptedge.train.model import GPT, GPTConfig
 
 FORMAT = "gptedge-checkpoint"
@@ -63,9 +66,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict to save: contiguous CPU tensors, a tied head left out (safetensors refuses shared storage)."""
+    """The state dict to save: contiguous CPU tensors, a tied head left out (safetensors refuses shared storage),
+    LoRA adapters left out (they have their own file)."""
     keep = model.weight_shapes()
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k in keep}
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+            if k in keep and ".lora_" not in k}
 
 
 def save_checkpoint(
@@ -84,6 +89,8 @@ def save_checkpoint(
     meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **config}
     with atomic_output_dir(dest, force=force) as tmp:
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if config.get("lora"):
+            lora.save_adapters(model, lora.LoRAConfig(**config["lora"]), tmp / lora.ADAPTER_FILE)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (tmp / TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
         if trainer_state is not None:
@@ -152,6 +159,12 @@ def load_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
     check_weight_shapes(gpt_config, path)
     model = GPT(gpt_config)
     load_weights(model, path)
+    if cfg.get("lora"):
+        try:
+            config = lora.LoRAConfig(**cfg["lora"])
+        except (TypeError, GptEdgeError) as exc:
+            raise CheckpointError(f"{Path(path) / CONFIG} has an invalid \"lora\" entry ({exc})") from exc
+        lora.load_adapters(lora.apply_lora(model, config), Path(path) / lora.ADAPTER_FILE)
     return model.eval(), cfg
 
 

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="windows per forward pass on each process (default: the preset's)")
     parser.add_argument("--grad-accum", type=int, metavar="N",
                         help="micro-batches accumulated into one step (default: the preset's)")
-    parser.add_argument("--block-size", type=int, metavar="N", help="context length in tokens (default: the preset's)")
+    parser.add_argument("--block-size", type=int, metavar="N",
+                        help="context length in tokens (default: the preset's); when fine-tuning, the training window "
+                             "(at most the model's context; default: the checkpoint's context, 256 for an imported "
+                             "model)")
     parser.add_argument("--vocab-size", type=int, metavar="N",
                         help="tokenizer vocabulary to train (default: the preset's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; smaller when fine-tuning)")
@@ -48,8 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--eval-batches", type=int, metavar="N", help="batches per validation (default: the preset's)")
     parser.add_argument("--resume", metavar="CKPT",
                         help="continue this checkpoint's run exactly (use a larger --steps to extend it)")
-    parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from this checkpoint's weights and tokenizer, fresh optimizer, step 0")
+    parser.add_argument("--init-from", metavar="MODEL",
+                        help="fine-tune: start from this model's weights and tokenizer (a gptedge checkpoint, a local "
+                             "Hugging Face folder or a GGUF file), fresh optimizer, step 0; its chat template, special "
+                             "tokens and generation defaults travel on to the exported bundle")
+    parser.add_argument("--lora-rank", type=int, metavar="R",
+                        help="train LoRA adapters of rank R on the frozen model instead of every weight (export merges "
+                             "them; RUN/adapter.safetensors holds them alone)")
+    parser.add_argument("--lora-alpha", type=float, help="scale of the adapters' update: alpha / rank (default: 16)")
+    parser.add_argument("--lora-targets", choices=["attention", "mlp", "all"],
+                        help="projections that get adapters (default: all)")
+    parser.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    parser.add_argument("--adapter", metavar="FILE",
+                        help="put these adapters (a LoRA run's adapter.safetensors) on the --init-from model and train "
+                             "them further")
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="stop with a checkpoint after N steps of a longer schedule (continue later with --resume)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -73,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = vars(args)
     names = ("preset", "steps", "batch_size", "grad_accum", "block_size", "vocab_size", "lr", "warmup", "dropout",
              "eval_every", "eval_batches", "resume", "init_from", "stop_after", "seed", "max_corpus_bytes", "cache_dir",
-             "threads")
+             "threads", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "adapter")
     return TrainConfig(
         out=args.out, data=list(given.get("data", [])), device=given.get("device", "auto"),
         progress=not given.get("no_progress", False), force=given.get("force", False),

@@ -101,41 +101,88 @@ def fingerprint(files: Sequence[Path], max_bytes: int | None) -> str:
 # Reading the files
 
 
+Segments = list[tuple[str, bool]]  # an example's text in order, each piece marked True where it is a target
+
+
 @dataclass
 class Sources:
-    """Decoded inputs: plain-text documents and (prompt, completion) examples."""
+    """Decoded inputs: plain-text documents and examples (prompt/completion pairs, chat conversations)."""
 
     texts: list[str] = field(default_factory=list)
-    examples: list[tuple[str, str]] = field(default_factory=list)
+    examples: list[Segments] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)  # "file:line" of each example, for errors
     n_files: int = 0  # files actually read
     skipped: list[Path] = field(default_factory=list)  # not UTF-8
     n_bytes: int = 0
 
     def training_texts(self) -> list[str]:
         """Everything the tokenizer should learn from."""
-        return self.texts + [p + c for p, c in self.examples]
+        return self.texts + ["".join(text for text, _ in e) for e in self.examples]
 
 
-def _read_jsonl(path: Path, text: str) -> list[tuple[str, str]]:
+def chat_segments(messages: Any, template: Any, where: str) -> Segments:
+    """A conversation rendered with the model's chat template, the assistant turns marked as targets.
+
+    Each assistant turn is what rendering the conversation up to it adds after the assistant's cue (the
+    template's generation prompt): the answer and the template's end-of-turn text, which teaches the model to
+    stop. Everything else (system, user, tool turns, the cues) is context, never a target.
+    """
+    from gptedge.runtime.chat import ChatTemplateError
+
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        "with string values")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+    segments: Segments = []
+    done = ""
+    try:
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            cue = template.render(messages[:i], add_generation_prompt=True)
+            whole = template.render(messages[: i + 1], add_generation_prompt=False)
+            if not (cue.startswith(done) and whole.startswith(cue)):
+                raise DataError(f"{where}: the chat template does not render this conversation turn by turn "
+                                "(an earlier turn changes when a later one is added); use prompt/completion lines")
+            segments += [(cue[len(done):], False), (whole[len(cue):], True)]
+            done = whole
+        rest = template.render(messages, add_generation_prompt=False)[len(done):]
+    except ChatTemplateError as exc:
+        raise DataError(f"{where}: the model's chat template refused this conversation ({exc})") from None
+    return segments + [(rest, False)] if rest else segments
+
+
+def _read_jsonl(path: Path, text: str, template: Any) -> list[tuple[Segments, str]]:
     examples = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
-                            "each line must be {\"prompt\": ..., \"completion\": ...}") from exc
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                and isinstance(obj.get("completion"), str)):
-            raise DataError(f"{path}:{lineno}: each line must be an object "
-                            "with string fields \"prompt\" and \"completion\"")
-        examples.append((obj["prompt"], obj["completion"]))
+            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be {{\"prompt\": ..., "
+                            "\"completion\": ...} or {\"messages\": [...]}") from exc
+        if isinstance(obj, dict) and "messages" in obj:
+            if template is None:
+                raise DataError(f"{where}: chat lines need the model's chat template; fine-tune a model that has "
+                                "one (--init-from), or use prompt/completion lines")
+            examples.append((chat_segments(obj["messages"], template, where), where))
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            examples.append(([(obj["prompt"], False), (obj["completion"], True)], where))
+        else:
+            raise DataError(f"{where}: each line must be an object with string fields \"prompt\" and "
+                            "\"completion\", or a \"messages\" list")
     return examples
 
 
-def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Callable[[str], None] = warn) -> Sources:
-    """Read and decode `files` in order; skip (and count) those that are not UTF-8; stop after `max_bytes`."""
+def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Callable[[str], None] = warn,
+                 chat_template: Any = None) -> Sources:
+    """Read and decode `files` in order; skip (and count) those that are not UTF-8; stop after `max_bytes`.
+    `chat_template` (runtime.chat.ChatTemplate) renders JSONL chat lines."""
     src = Sources()
     for path in files:
         if max_bytes is not None and src.n_bytes >= max_bytes:
@@ -151,9 +198,10 @@ def read_sources(files: Sequence[Path], max_bytes: int | None = None, log: Calla
             continue
         src.n_files += 1
         if path.suffix.lower() == ".jsonl":
-            for prompt, completion in _read_jsonl(path, text):
-                src.examples.append((prompt, completion))
-                src.n_bytes += len(prompt.encode()) + len(completion.encode())
+            for segments, where in _read_jsonl(path, text, chat_template):
+                src.examples.append(segments)
+                src.origins.append(where)
+                src.n_bytes += sum(len(t.encode()) for t, _ in segments)
                 if max_bytes is not None and src.n_bytes >= max_bytes:
                     break
             continue
@@ -207,21 +255,29 @@ def cache_key(data_fingerprint: str, tokenizer_json: str) -> str:
     return hashlib.sha256(f"{data_fingerprint}|{tokenizer_json}".encode()).hexdigest()[:24]
 
 
-def _tokenize(src: Sources, tok: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    from gptedge.train.tokenizer import encode_many, eot_id
+def _tokenize(src: Sources, tok: Any, eot: int, max_example: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Token ids with `eot` after each document and example; the mask marks targets (an example's target
+    segments, and the eot that ends a prompt/completion example, whose last segment is a target)."""
+    from gptedge.train.tokenizer import encode_many
 
-    eot = eot_id(tok)
     dtype = token_dtype(tok.get_vocab_size())
     pieces, masks = [], []
     for ids in encode_many(tok, src.texts):
         pieces.append(np.asarray(ids + [eot], dtype=dtype))
         masks.append(np.ones(len(ids) + 1, dtype=np.uint8))
-    if src.examples:
-        prompts = encode_many(tok, [p for p, _ in src.examples])
-        completions = encode_many(tok, [c for _, c in src.examples])
-        for p, c in zip(prompts, completions):
-            pieces.append(np.asarray(p + c + [eot], dtype=dtype))
-            masks.append(np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c) + 1, np.uint8)]))
+    flat = encode_many(tok, [text for e in src.examples for text, _ in e])
+    at = 0
+    for example, where in zip(src.examples, src.origins or [""] * len(src.examples)):
+        ids = flat[at: at + len(example)]
+        at += len(example)
+        ends_in_target = example[-1][1]
+        n = sum(map(len, ids)) + 1
+        if max_example is not None and n > max_example + 1:
+            raise DataError(f"{where}: this example is {n - 1} tokens, longer than the training window of "
+                            f"{max_example}; shorten it or raise --block-size (up to the model's context)")
+        pieces.append(np.asarray([t for part in ids for t in part] + [eot], dtype=dtype))
+        masks.append(np.concatenate([np.full(len(part), target, np.uint8) for part, (_, target) in zip(ids, example)]
+                                    + [np.array([ends_in_target], np.uint8)]))
     tokens = np.concatenate(pieces)
     return tokens, (np.concatenate(masks) if src.examples else None)
 
@@ -231,6 +287,8 @@ def load_or_build_tokens(
     key: str,
     get_sources: Callable[[], Sources],
     tok: Any,
+    eot: int | None = None,
+    max_example: int | None = None,
 ) -> TokenData:
     """Memory-map the cached token ids for `key`, tokenizing `get_sources()` first if they are not cached.
 
@@ -244,7 +302,11 @@ def load_or_build_tokens(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warn(f"rebuilding the damaged token cache {folder} ({exc})")
     src = get_sources()
-    tokens, mask = _tokenize(src, tok)
+    if eot is None:
+        from gptedge.train.tokenizer import eot_id
+
+        eot = eot_id(tok)  # a gptedge tokenizer's <|endoftext|>; an imported model's end of text is passed in
+    tokens, mask = _tokenize(src, tok, eot, max_example)
     meta = {
         "format": CACHE_FORMAT, "n_tokens": int(len(tokens)), "dtype": tokens.dtype.name,
         "has_mask": mask is not None, "n_files": src.n_files, "n_skipped": len(src.skipped),

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -25,25 +24,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-# Idle OpenMP threads should sleep, not spin: on a CPU shared with other work (a laptop, CI), PyTorch's
-# spinning threads made a tiny model's steps 20x slower with 2 threads than with 1 (measured). Takes
-# effect only if torch is not imported yet, hence before the imports below; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from gptedge import __version__  # noqa: E402
-from gptedge.atomic import atomic_write_bytes  # noqa: E402
-from gptedge.errors import CheckpointError, OutputExistsError, TrainingDiverged, UsageError  # noqa: E402
-from gptedge.train import checkpoint as ckpt  # noqa: E402
-from gptedge.train import data as D  # noqa: E402
-from gptedge.train import ddp  # noqa: E402
-from gptedge.train.model import GPT, GPTConfig  # noqa: E402
-from gptedge.train.presets import SHAPE_KEYS, get_preset  # noqa: E402
-from gptedge.train.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from gptedge import __version__
+from gptedge.atomic import atomic_write_bytes
+from gptedge.errors import CheckpointError, OutputExistsError, TrainingDiverged, UsageError
+from gptedge.train import checkpoint as ckpt
+from gptedge.train import data as corpus
+from gptedge.train import ddp, lora
+from gptedge.train.model import GPT, GPTConfig
+from gptedge.train.presets import SHAPE_KEYS, get_preset
+from gptedge.train.tokenizer import load_tokenizer, train_tokenizer
 
 DEFAULT_PRESET = "small"
 TOKENIZER_RECIPE = 2  # bump when train_tokenizer changes, to invalidate cached tokenizers
@@ -108,8 +102,19 @@ class TrainConfig:
     cache_dir: str | None = None
     # Continue this checkpoint's run exactly (weights, optimizer, RNGs, data position).
     resume: str | None = None
-    # Fine-tune: start from this checkpoint's weights and tokenizer with a fresh optimizer at step 0.
+    # Fine-tune: start from this model's weights and tokenizer with a fresh optimizer at step 0: a gptedge
+    # checkpoint, a local Hugging Face folder or a GGUF file (read by gptedge.export's loaders).
     init_from: str | None = None
+    # LoRA (gptedge.train.lora): adapters of this rank on a frozen model; None trains every weight.
+    lora_rank: int | None = None
+    # The adapters' update is scaled by alpha / rank.
+    lora_alpha: float | None = None
+    # Which projections get adapters: attention, mlp or all.
+    lora_targets: str | None = None
+    # Dropout on the adapters' input.
+    lora_dropout: float | None = None
+    # An adapter file (a LoRA run's adapter.safetensors) to put on the --init-from model before training on.
+    adapter: str | None = None
     # Stop (with a checkpoint) after this many steps although the schedule spans `steps`: split a run in parts.
     stop_after: int | None = None
     # Replace an existing output folder.
@@ -119,7 +124,10 @@ class TrainConfig:
 
 
 # Options that control this invocation only; a resumed run takes them from the command line, never the checkpoint.
-RUN_OPTIONS = ("out", "device", "threads", "cache_dir", "resume", "init_from", "stop_after", "force", "progress")
+RUN_OPTIONS = ("out", "device", "threads", "cache_dir", "resume", "init_from", "adapter", "stop_after", "force",
+               "progress")
+LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_targets": "all", "lora_dropout": 0.0}
+FINETUNE_WINDOW = 256  # default training window of an imported model (its context may be thousands of tokens)
 
 
 def _explicit(config: TrainConfig) -> dict[str, Any]:
@@ -132,6 +140,8 @@ def _check_shape(config: TrainConfig, source: str, meta: dict[str, Any]) -> None
     have = {**meta.get("model", {}), **{k: v for k, v in (meta.get("train") or {}).items() if k in SHAPE_KEYS}}
     want = {k: get_preset(config.preset)[k] for k in SHAPE_KEYS} if config.preset else {}
     want.update({k: getattr(config, k) for k in SHAPE_KEYS if getattr(config, k) is not None})
+    if config.init_from and want.get("block_size", 0) <= have.get("block_size", 0):
+        want.pop("block_size", None)  # fine-tuning: a training window within the model's context
     diff = [f"{k} {have.get(k)} vs {v}" for k, v in want.items() if have.get(k) != v]
     if diff:
         raise CheckpointError(
@@ -141,13 +151,19 @@ def _check_shape(config: TrainConfig, source: str, meta: dict[str, Any]) -> None
         )
 
 
-def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Fill every None from the preset or the checkpoint; validate; return it with the checkpoint's config.json."""
+def resolve_config(config: TrainConfig, imported: Any = None) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Fill every None from the preset or the checkpoint; validate; return it with the checkpoint's config.json
+    (for an imported model, `imported`: gptedge.export.source.Source, the config.json it would have)."""
     if config.resume and config.init_from:
         raise UsageError("--resume and --init-from exclude each other: resume continues a run, "
                          "init-from fine-tunes from its weights")
+    if config.adapter and not config.init_from:
+        raise UsageError("--adapter puts adapters on a base model: pass that model with --init-from")
     source = config.resume or config.init_from
-    meta = ckpt.read_config(source) if source else None
+    if imported is not None:
+        meta = {"model": imported.model.config.to_dict(), "train": {}, "source": source_facts(imported)}
+    else:
+        meta = ckpt.read_config(source) if source else None
     explicit = _explicit(config)
     if meta is not None:
         _check_shape(config, source, meta)
@@ -159,14 +175,49 @@ def resolve_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | N
         base = {**get_preset(preset), "preset": preset}
         if meta is not None:  # fine-tune: the checkpoint's shape, the preset's fine-tuning rate
             base.update({k: meta["model"][k] for k in SHAPE_KEYS}, lr=base["finetune_lr"])
+            if imported is not None:
+                base["block_size"] = min(meta["model"]["block_size"], FINETUNE_WINDOW)
+            base.update({k: v for k, v in (meta.get("lora") and _lora_fields(meta["lora"]) or {}).items()})
         if not config.data and config.max_corpus_bytes is None:
             base["max_corpus_bytes"] = base["stdlib_bytes"]
     merged = {**base, **explicit}
     run = {k: getattr(config, k) for k in RUN_OPTIONS}
     cfg = TrainConfig(**{f.name: merged.get(f.name) for f in fields(TrainConfig) if f.name not in RUN_OPTIONS}, **run)
     cfg.data = list(merged.get("data") or [])
+    if cfg.lora_rank is not None:
+        for name, value in LORA_DEFAULTS.items():
+            setattr(cfg, name, value if getattr(cfg, name) is None else getattr(cfg, name))
     _validate(cfg)
     return cfg, meta
+
+
+def _lora_fields(lora_meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's "lora" entry as TrainConfig fields: fine-tuning a LoRA run goes on training its adapters."""
+    return {f"lora_{k}": v for k, v in lora_meta.items()}
+
+
+def lora_config(cfg: TrainConfig) -> lora.LoRAConfig | None:
+    if cfg.lora_rank is None:
+        return None
+    return lora.LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                           dropout=cfg.lora_dropout)
+
+
+def source_facts(imported: Any) -> dict[str, Any]:
+    """What an imported model's bundle needs beside the weights, kept in every checkpoint trained from it."""
+    return {"kind": imported.kind, "family": imported.family, "chat_template": imported.chat_template,
+            "special_tokens": imported.special_tokens, "generation_defaults": imported.generation_defaults}
+
+
+def load_import(path: str | None) -> Any:
+    """A Hugging Face folder or GGUF file to fine-tune, loaded by gptedge.export's loaders (the same code that
+    exports it, so training starts from exactly the model an export of it would verify); None for a gptedge
+    checkpoint (or no path)."""
+    if path is None or ckpt.is_checkpoint(path):
+        return None
+    from gptedge.export.exporter import load_source
+
+    return load_source(path)
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -186,6 +237,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"the validation fraction must be between 0 and 1, not {cfg.val_fraction}")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise UsageError(f"--stop-after must be at least 1, not {cfg.stop_after}")
+    lora_config(cfg)  # checks the LoRA options
     if cfg.n_embd % cfg.n_head:
         raise UsageError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; change one of them")
     try:
@@ -221,21 +273,26 @@ def _quiet(message: str) -> None:
 class Prepared:
     tokenizer_json: str
     vocab_size: int
-    train: D.TokenData
-    val: D.TokenData
+    train: corpus.TokenData
+    val: corpus.TokenData
 
 
 def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None,
-                 log: Callable[[str], None]) -> Prepared:
-    """Find and read the inputs, train (or reuse) the tokenizer, tokenize into the cache, split."""
-    files = D.resolve_inputs(cfg.data) if cfg.data else D.stdlib_files()
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else D.default_cache_dir()
-    fp = D.fingerprint(files, cfg.max_corpus_bytes)
-    memo: dict[str, D.Sources] = {}
+                 log: Callable[[str], None], chat: Any = None, eot: int | None = None) -> Prepared:
+    """Find and read the inputs, train (or reuse) the tokenizer, tokenize into the cache, split.
 
-    def sources() -> D.Sources:
+    `chat`: the model's chat template (runtime.chat.ChatTemplate) for JSONL conversations; `eot`: the token that
+    ends a document (default: a gptedge tokenizer's <|endoftext|>)."""
+    files = corpus.resolve_inputs(cfg.data) if cfg.data else corpus.stdlib_files()
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else corpus.default_cache_dir()
+    # Chat lines tokenize as the template renders them, and examples are checked against the window.
+    fp = corpus.fingerprint(files, cfg.max_corpus_bytes) + f"|{chat.source if chat else ''}|{eot}|{cfg.block_size}"
+    memo: dict[str, corpus.Sources] = {}
+
+    def sources() -> corpus.Sources:
         if "s" not in memo:
-            memo["s"] = D.read_sources(files, cfg.max_corpus_bytes, log=D.warn if env.is_main else _quiet)
+            memo["s"] = corpus.read_sources(files, cfg.max_corpus_bytes, log=corpus.warn if env.is_main else _quiet,
+                                       chat_template=chat)
         return memo["s"]
 
     def make_tokenizer() -> str:
@@ -255,13 +312,14 @@ def prepare_data(cfg: TrainConfig, env: ddp.DistEnv, tokenizer_json: str | None,
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
-    key = D.cache_key(fp, tokenizer_json)
-    tokens = ddp.rank0_first(env, lambda: D.load_or_build_tokens(cache_dir, key, sources, tok))
+    key = corpus.cache_key(fp, tokenizer_json)
+    tokens = ddp.rank0_first(env, lambda: corpus.load_or_build_tokens(cache_dir, key, sources, tok, eot,
+                                                                        cfg.block_size))
     if tokens.meta["n_skipped"] and not memo:
         log(f"gptedge: warning: {tokens.meta['n_skipped']} input file(s) are not UTF-8 "
             "and were skipped (cached result)")
     train_data, val_data = tokens.split(cfg.val_fraction)
-    D.check_fits(train_data, val_data, cfg.block_size)
+    corpus.check_fits(train_data, val_data, cfg.block_size)
     return Prepared(tokenizer_json, tok.get_vocab_size(), train_data, val_data)
 
 
@@ -311,26 +369,29 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: D.TokenData, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> float:
+def evaluate(model: GPT, data: corpus.TokenData, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> float:
     """Mean loss per target token over the same evenly spaced windows every time (ranks split the windows)."""
     was_training = model.training
     model.eval()
-    starts = D.eval_starts(data, cfg.block_size, cfg.eval_batches * cfg.batch_size)[env.rank :: env.world_size]
+    starts = corpus.eval_starts(data, cfg.block_size, cfg.eval_batches * cfg.batch_size)[env.rank :: env.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, number of targets]
     for i in range(0, len(starts), cfg.batch_size):
-        x, y = (torch.from_numpy(a).to(device) for a in D.windows(data, starts[i : i + cfg.batch_size], cfg.block_size))
+        batch = corpus.windows(data, starts[i : i + cfg.batch_size], cfg.block_size)
+        x, y = (torch.from_numpy(a).to(device) for a in batch)
         with _autocast(device):
             logits, _, _ = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=D.IGNORE_INDEX, reduction="sum")
-        total += torch.stack([loss.double(), (y != D.IGNORE_INDEX).sum().double()])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=corpus.IGNORE_INDEX,
+                               reduction="sum")
+        total += torch.stack([loss.double(), (y != corpus.IGNORE_INDEX).sum().double()])
     ddp.all_reduce_sum(total, env)
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 def _param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and embeddings only: decaying biases and LayerNorm gains just fights the fit."""
-    params = list(model.parameters())  # the tied wte/lm_head matrix appears once
+    """Decay matrices and embeddings only: decaying biases and LayerNorm gains just fights the fit. Frozen
+    parameters (a LoRA run's base) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head matrix appears once
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -359,7 +420,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = _stderr) -> Path:
     Under torchrun each process calls this; only rank 0 logs and writes the checkpoint.
     """
     env = ddp.env_from_environ()
-    cfg, meta = resolve_config(config)
+    imported = load_import(config.init_from)
+    cfg, meta = resolve_config(config, imported)
     out = _check_out(cfg)
     device = ddp.pick_device(cfg.device, env)
     if cfg.threads is not None:
@@ -368,26 +430,34 @@ def train(config: TrainConfig, log: Callable[[str], None] = _stderr) -> Path:
         torch.set_num_threads(cfg.threads)
     ddp.init(env, device)
     try:
-        return _train(cfg, meta, env, device, out, log if env.is_main else _quiet)
+        return _train(cfg, meta, env, device, out, log if env.is_main else _quiet, imported)
     finally:
         ddp.shutdown()
 
 
 def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, device: torch.device,
-           out: Path, log: Callable[[str], None]) -> Path:
+           out: Path, log: Callable[[str], None], imported: Any = None) -> Path:
     source = cfg.resume or cfg.init_from
-    tokenizer_json = load_tokenizer(Path(source) / ckpt.TOKENIZER).to_str() if source else None
-    prep = prepare_data(cfg, env, tokenizer_json, log)
+    if imported is not None:
+        tokenizer_json = imported.tokenizer.to_str()
+    else:
+        tokenizer_json = load_tokenizer(Path(source) / ckpt.TOKENIZER).to_str() if source else None
+    facts = (meta or {}).get("source")  # an imported model's template and special tokens, carried run to run
+    chat, eot = _chat_and_eot(facts, tokenizer_json)
+    prep = prepare_data(cfg, env, tokenizer_json, log, chat=chat, eot=eot)
     seed_everything(cfg.seed)
-    if meta is not None:
+    if imported is not None:
+        model = _with_dropout(imported.model, cfg.dropout).requires_grad_(True)
+    elif meta is not None:
         model = _with_dropout(ckpt.load_checkpoint(source)[0], cfg.dropout)
     else:
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=prep.vocab_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, **(cfg.architecture or {})))
+    adapters = _adapt(model, cfg)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=True if device.type == "cuda" else None)
-    sampler = D.BatchSampler(prep.train, cfg.block_size, cfg.seed)
+    sampler = corpus.BatchSampler(prep.train, cfg.block_size, cfg.seed)
     step, tokens_seen, history = 0, 0, []
     if cfg.resume:
         state = ckpt.load_trainer_state(cfg.resume)
@@ -406,9 +476,11 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
 
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     A, B, W, T = cfg.grad_accum, cfg.batch_size, env.world_size, cfg.block_size
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_head} heads, width "
-        f"{cfg.n_embd}, context {T}, vocab {model.config.vocab_size}) "
-        f"on {device}{f' x {W} processes' if W > 1 else ''}")
+        f"{cfg.n_embd}, window {T}, vocab {model.config.vocab_size}) "
+        f"on {device}{f' x {W} processes' if W > 1 else ''}"
+        + (f"; LoRA rank {adapters.rank} on {adapters.targets}: {trainable / 1e6:.2f}M trainable" if adapters else ""))
     log(f"data: {len(prep.train.tokens):,} training and {len(prep.val.tokens):,} validation tokens; "
         f"{A * B * W * T:,} tokens per step; steps {step} -> {end}")
 
@@ -419,6 +491,7 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
         state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state()}
         info = {"train": asdict(cfg), "step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
+                **({"lora": adapters.to_dict()} if adapters else {}), **({"source": facts} if facts else {}),
                 "train_loss": train_loss, "final": final, "gptedge_version": __version__,
                 "data": {**prep.train.meta, "n_train_tokens": len(prep.train.tokens),
                          "n_val_tokens": len(prep.val.tokens)},
@@ -437,7 +510,7 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
         rows = sampler.global_starts(W * A * B).reshape(W * A, B)[env.rank * A : (env.rank + 1) * A]  # [A, B]
         loss_sum = torch.zeros((), device=device)
         for m, starts in enumerate(rows):
-            x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in D.windows(prep.train, starts, T))
+            x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in corpus.windows(prep.train, starts, T))
             sync = net.no_sync() if env.enabled and m < A - 1 else contextlib.nullcontext()  # all-reduce once per step
             with sync:
                 with _autocast(device):
@@ -473,12 +546,50 @@ def _train(cfg: TrainConfig, meta: dict[str, Any] | None, env: ddp.DistEnv, devi
     train_loss = evaluate(model, prep.train, cfg, env, device)
     history.append({"step": step, "val_loss": val_loss})
     summary = {
-        "unigram_entropy": D.unigram_entropy(prep.val, prep.vocab_size),
+        "unigram_entropy": corpus.unigram_entropy(prep.val, prep.vocab_size),
         "tokens_per_s": session_tokens / train_time if train_time > 0 else None,
         "train_seconds": train_time,
     }
     save(final=step >= cfg.steps, val_loss=val_loss, train_loss=train_loss, extra=summary)
     return out
+
+
+def _chat_and_eot(facts: dict[str, Any] | None, tokenizer_json: str | None) -> tuple[Any, int | None]:
+    """The chat template JSONL conversations render with, and the end-of-text id, for the model being trained:
+    an imported model's own; gptedge's default transcript template and <|endoftext|> otherwise."""
+    from gptedge.runtime.chat import DEFAULT_TEMPLATE, ChatTemplate
+
+    if not facts:
+        return ChatTemplate(DEFAULT_TEMPLATE, {}), None
+    specials = facts.get("special_tokens") or {}
+    if facts.get("chat_template") is None:
+        chat = None
+    else:
+        chat = ChatTemplate(facts["chat_template"], {f"{k}_token": specials[k] for k in ("bos", "eos", "pad")
+                                                    if isinstance(specials.get(k), str)})
+    eot = specials.get("eos_id")
+    if eot is None:
+        raise UsageError("the model names no end-of-text token, which training needs to separate documents")
+    return chat, int(eot)
+
+
+def _adapt(model: GPT, cfg: TrainConfig) -> lora.LoRAConfig | None:
+    """Put LoRA adapters on `model` as the options (or the --adapter file) say; the config trained, or None."""
+    config = lora_config(cfg)
+    if cfg.adapter:
+        from_file = lora.read_adapter_config(cfg.adapter)
+        if config is not None and config != from_file:
+            raise UsageError(f"--adapter {cfg.adapter} was trained with rank {from_file.rank} on "
+                             f"{from_file.targets}; drop the --lora options or make them match")
+        config = from_file
+        cfg.lora_rank, cfg.lora_alpha = config.rank, config.alpha
+        cfg.lora_targets, cfg.lora_dropout = config.targets, config.dropout
+    if config is None:
+        return None
+    lora.apply_lora(model, config)
+    if cfg.adapter:
+        lora.load_adapters(model, cfg.adapter)
+    return config
 
 
 def _with_dropout(model: GPT, dropout: float) -> GPT:

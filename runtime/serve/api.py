@@ -1,4 +1,4 @@
-"""The OpenAI API's request bodies -> checked plans, and results -> its response objects.
+"""The OpenAI API's request bodies -> checked requests (RequestSpec), and results -> its response objects.
 
 Nothing here speaks HTTP: `app.py` reads bodies and writes responses; this module decides what a
 body means and how a result looks, so both are tested without a socket. Every rule the runtime
@@ -50,7 +50,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 
 @dataclass
-class ChoicePlan:
+class ChoiceSpec:
     """One sequence to generate: its prompt ids, sampling params and optional constraint factory."""
 
     index: int
@@ -61,12 +61,12 @@ class ChoicePlan:
 
 
 @dataclass
-class Plan:
+class RequestSpec:
     """A checked request: what to generate and how to answer."""
 
     kind: str  # "completion" or "chat"
     model: str
-    choices: list[ChoicePlan]
+    choices: list[ChoiceSpec]
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: not asked; else how many rivals per token
@@ -250,15 +250,15 @@ def parse_tools(body: dict, template):
 def usage_error(exc: UsageError, max_name: str) -> ApiError:
     """A SamplingParams UsageError as a 400 naming the request field the failed check is about (`exc.field`).
 
-    (Context limits are checked by build_plan itself, with their own error code.)
+    (Context limits are checked by check_request itself, with their own error code.)
     """
     fields = {**{ours: api for api, ours in SAMPLING_FIELDS.items()}, "max_new_tokens": max_name,
               "stop_strings": "stop"}
     return bad(str(exc), fields.get(exc.field or ""))
 
 
-def build_plan(kind: str, body: Any, served) -> Plan:
-    """Check a completions (`kind` "completion") or chat body against a served model; a Plan or an ApiError.
+def check_request(kind: str, body: Any, served) -> RequestSpec:
+    """Check a completions (`kind` "completion") or chat body against a served model; a RequestSpec or an ApiError.
 
     `served` provides `model` (a loaded Model), `capacity` (positions per sequence), `template`
     (chat) and `grammar` (a GrammarFactory, built on first use).
@@ -329,12 +329,24 @@ def build_plan(kind: str, body: Any, served) -> Plan:
                 params = model.sampling_params(max_new_tokens=max_tokens, stop_strings=stops, **sampling)
             except UsageError as exc:
                 raise usage_error(exc, common["max_name"]) from None
-            choices.append(ChoicePlan(p_index * common["n"] + j, ids, params, reason, constraint))
-    return Plan(kind, common["model"] or served.name, choices, common["stream"], common["include_usage"], logprobs,
-                n=common["n"], cache_prompt=common["cache_prompt"], tools=tool_plan)
+            choices.append(ChoiceSpec(p_index * common["n"] + j, ids, params, reason, constraint))
+    return RequestSpec(kind, common["model"] or served.name, choices, common["stream"], common["include_usage"],
+                       logprobs, n=common["n"], cache_prompt=common["cache_prompt"], tools=tool_plan)
 
 
 # -- writing results -------------------------------------------------------------------------------------
+def envelope(spec: RequestSpec, model: str, choices: list[dict[str, Any]], *, chunk: bool = False,
+             **extra: Any) -> dict[str, Any]:
+    """OpenAI's response object around `choices` (a streamed chunk's when `chunk`), answered by served model `model`;
+    `extra` adds fields (usage)."""
+    if spec.kind == "chat":
+        kind = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        kind = "text_completion"
+    return {"id": spec.id, "object": kind, "created": spec.created, "model": model, "system_fingerprint": "gptedge",
+            "choices": choices, **extra}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -362,10 +374,10 @@ def finish_reason(result: GenerationResult) -> str:
     return FINISH[result.finish_reason]
 
 
-def assistant_message(plan: Plan, text: str) -> tuple[dict[str, Any], bool]:
+def assistant_message(spec: RequestSpec, text: str) -> tuple[dict[str, Any], bool]:
     """The chat answer as OpenAI's message: its tool calls when it makes any (True), else its text."""
-    if plan.tools is not None:
-        calls = plan.tools.calls(text)
+    if spec.tools is not None:
+        calls = spec.tools.calls(text)
         if calls:
             return {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}, True
     return {"role": "assistant", "content": text}, False

@@ -1,6 +1,6 @@
 """`gptedge serve`'s ASGI app: OpenAI's HTTP API over loaded bundles, one continuous batcher per model.
 
-Requests are read (size- and time-capped), checked by `api.build_plan`, and their sequences handed
+Requests are read (size- and time-capped), checked by `api.check_request`, and their sequences handed
 to the model's `Batcher`, whose thread calls back with each step; the callbacks hop onto the event
 loop (`call_soon_threadsafe`) and feed either a Server-Sent Events stream or one JSON answer. A
 client that goes away cancels its sequences, and their KV rows are free by the batcher's next step.
@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from gptedge.errors import ContextLengthError, GptEdgeError, UsageError
 from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
-from gptedge.runtime.decoding import Decoding
+from gptedge.runtime.decoding import Decoding, GenerationResult, Step
 from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
 from gptedge.runtime.serve import api
 from gptedge.runtime.tokens import token_bytes
@@ -59,8 +59,8 @@ class ServeConfig:
     body_timeout_s: float = 30.0
 
 
-class Served:
-    """One loaded model: its Model, batcher, chat template and (on first use) grammar factory."""
+class ServedModel:
+    """One model the server answers for: its Model, batcher, chat template and (on first use) grammar factory."""
 
     def __init__(self, name: str, model, batcher: Batcher) -> None:
         from gptedge.runtime.chat import template_for
@@ -83,12 +83,12 @@ class Served:
         return self.model.decode([token], skip_special_tokens=False)
 
 
-class State:
+class ServerState:
     """The app's models, filled by a loading thread; /health answers 503 until it is done."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.models: dict[str, Served] = {}
+        self.models: dict[str, ServedModel] = {}
         self.ready = threading.Event()
         self.error: str | None = None
 
@@ -99,11 +99,10 @@ class State:
             for name, path in self.config.bundles:
                 model = Model.load(path, provider=self.config.provider, threads=self.config.threads,
                                    spin=self.config.spin, prefix_cache_mb=self.config.cache_ram_mb)
-                pad = model.spec.special_tokens.get("pad_id", model.eos_id) or 0
                 batcher = Batcher(model.engine, rows=self.config.parallel, kv_budget_mb=self.config.kv_budget_mb,
-                                  max_queue=self.config.max_queue, pad_id=int(pad), name=f"gptedge-batcher-{name}",
+                                  max_queue=self.config.max_queue, pad_id=model.pad_id, name=f"gptedge-batcher-{name}",
                                   store=model.prefix_store)
-                self.models[name] = Served(name, model, batcher)
+                self.models[name] = ServedModel(name, model, batcher)
                 saved = self._prompt_cache(name)
                 if saved is not None and saved.is_file() and model.prefix_store is not None:
                     try:
@@ -177,7 +176,7 @@ async def _read_json(request: Request, limit: int, timeout: float) -> Any:
         raise api.bad(f"the request body is not valid JSON ({exc})") from None
 
 
-def _served(state: State, name: Any) -> Served:
+def _served(state: ServerState, name: Any) -> ServedModel:
     if not state.ready.is_set() or state.error:
         raise api.ApiError(503, "the models are still loading; retry when GET /health answers 200", "server_error",
                            code="loading")
@@ -192,24 +191,38 @@ def _served(state: State, name: Any) -> Served:
 
 
 # -- generation --------------------------------------------------------------------------------------------
-class Run:
-    """A plan's sequences in the batcher, their events on an asyncio queue."""
+class SequenceEvent(NamedTuple):
+    """What the batcher's thread reports for one choice: a step it took, or (`step` None) the end of it."""
 
-    def __init__(self, plan: api.Plan, served: Served, start: float) -> None:
-        self.plan, self.served = plan, served
-        self.queue: asyncio.Queue = asyncio.Queue()
+    index: int  # the choice's index in the response
+    step: Step | None = None
+    result: GenerationResult | None = None  # the end: the result, or None with `error`
+    error: BaseException | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.step is None
+
+
+class RequestRun:
+    """A checked request's sequences in the batcher, their events on an asyncio queue."""
+
+    def __init__(self, spec: api.RequestSpec, served: ServedModel, start: float) -> None:
+        self.spec, self.served = spec, served
+        self.queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
         self.handles = []
         loop = asyncio.get_running_loop()
         try:
-            for c in plan.choices:
+            for c in spec.choices:
                 seq = Decoding(served.model.tokenizer, c.prompt_ids, c.params, length_reason=c.length_reason,
-                               logprobs=plan.logprobs, constraint=c.constraint() if c.constraint else None, start=start)
+                               logprobs=spec.logprobs, constraint=c.constraint() if c.constraint else None, start=start)
                 self.handles.append(served.batcher.submit(
                     seq,
-                    lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, step, None, None)),
+                    lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait,
+                                                                      SequenceEvent(i, step=step)),
                     lambda result, error, i=c.index: loop.call_soon_threadsafe(
-                        self.queue.put_nowait, (i, None, result, error)),
-                    cache_prompt=plan.cache_prompt,
+                        self.queue.put_nowait, SequenceEvent(i, result=result, error=error)),
+                    cache_prompt=spec.cache_prompt,
                 ))
         except QueueFull as exc:
             self.cancel()
@@ -222,16 +235,16 @@ class Run:
         for h in self.handles:
             h.cancel()
 
-    async def events(self) -> AsyncIterator[tuple]:
+    async def events(self) -> AsyncIterator[SequenceEvent]:
         left = len(self.handles)
         while left:
             event = await self.queue.get()
-            if event[1] is None:
+            if event.ended:
                 left -= 1
             yield event
 
 
-async def _watch_disconnect(request: Request, run: Run) -> None:
+async def _watch_disconnect(request: Request, run: RequestRun) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -239,84 +252,80 @@ async def _watch_disconnect(request: Request, run: Run) -> None:
             return
 
 
-def _logprobs(run: Run, entries, offset: int = 0) -> dict[str, Any]:
+def _logprobs(run: RequestRun, entries, offset: int = 0) -> dict[str, Any]:
     s = run.served
-    return api.logprobs_object(run.plan.kind, entries, s.token_text,
+    return api.logprobs_object(run.spec.kind, entries, s.token_text,
                                lambda t, text: token_bytes(s.model.tokenizer, t, text), offset)
 
 
-async def _answer(request: Request, run: Run) -> JSONResponse:
+async def _answer(request: Request, run: RequestRun) -> JSONResponse:
     watcher = asyncio.create_task(_watch_disconnect(request, run))
-    results: dict[int, Any] = {}
+    results: dict[int, GenerationResult] = {}
     try:
-        async for index, _, result, error in run.events():
-            if error is not None:
-                raise api.ApiError(500, f"generation failed: {error}", "server_error")
-            if result is not None:
-                results[index] = result
+        async for event in run.events():
+            if event.error is not None:
+                raise api.ApiError(500, f"generation failed: {event.error}", "server_error")
+            if event.result is not None:
+                results[event.index] = event.result
     finally:
         watcher.cancel()
-    plan = run.plan
+    spec = run.spec
     choices = []
     for index in sorted(results):
         r = results[index]
         choice: dict[str, Any] = {"index": index, "finish_reason": api.finish_reason(r),
-                                  "logprobs": _logprobs(run, r.logprobs) if plan.logprobs is not None else None}
-        if plan.kind == "chat":
-            choice["message"], called = api.assistant_message(plan, r.text)
+                                  "logprobs": _logprobs(run, r.logprobs) if spec.logprobs is not None else None}
+        if spec.kind == "chat":
+            choice["message"], called = api.assistant_message(spec, r.text)
             if called:
                 choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = r.text
         choices.append(choice)
     completion = sum(len(r.token_ids) for r in results.values())
-    return JSONResponse({
-        "id": plan.id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
-        "created": plan.created,
-        "model": run.served.name, "choices": choices, "usage": api.usage(plan.prompt_tokens, completion),
-        "system_fingerprint": "gptedge",
-    })
+    return JSONResponse(api.envelope(spec, run.served.name, choices,
+                                     usage=api.usage(spec.prompt_tokens, completion)))
 
 
-def _stream(request: Request, run: Run) -> StreamingResponse:
-    plan = run.plan
-    kind = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+def _stream(request: Request, run: RequestRun) -> StreamingResponse:
+    spec = run.spec
 
     def chunk(index: int | None, text: str | None, finish: str | None, logprobs=None, first: bool = False,
               delta: dict[str, Any] | None = None) -> str:
-        body: dict[str, Any] = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
-                                "system_fingerprint": "gptedge", "choices": []}
+        choices = []
         if index is not None:
             c: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
-            if plan.kind == "chat":
+            if spec.kind == "chat":
                 c["delta"] = delta if delta is not None else ({"role": "assistant", "content": ""} if first
                                                               else {} if text is None else {"content": text})
             else:
                 c["text"] = text or ""
-            body["choices"] = [c]
-        if plan.include_usage:
+            choices.append(c)
+        body = api.envelope(spec, run.served.name, choices, chunk=True)
+        if spec.include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     async def body() -> AsyncIterator[str]:
         watcher = asyncio.create_task(_watch_disconnect(request, run))
-        sent: dict[int, str] = {c.index: "" for c in plan.choices}
+        sent: dict[int, str] = {c.index: "" for c in spec.choices}
         offsets: dict[int, int] = dict.fromkeys(sent, 0)
         completion = 0
         try:
-            if plan.kind == "chat":
+            if spec.kind == "chat":
                 for index in sent:
                     yield chunk(index, None, None, first=True)
-            async for index, step, result, error in run.events():
-                if error is not None:
-                    err = api.ApiError(500, f"generation failed: {error}", "server_error")
+            async for event in run.events():
+                index, step, result = event.index, event.step, event.result
+                if event.error is not None:
+                    err = api.ApiError(500, f"generation failed: {event.error}", "server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
                     return
-                if step is not None and plan.tools is not None:
+                if step is not None and spec.tools is not None:
                     continue  # an answer that may be a call is sent whole, as calls or as text, when it ends
                 if step is not None:
                     lp = None
-                    if plan.logprobs is not None and step.logprob is not None:
+                    if spec.logprobs is not None and step.logprob is not None:
                         lp = _logprobs(run, [step.logprob], offsets[index])
                         offsets[index] += len(run.served.token_text(step.token))
                     if step.text or lp is not None:
@@ -324,16 +333,15 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
                         yield chunk(index, step.text, None, lp)
                     continue
                 completion += len(result.token_ids)
-                if plan.tools is not None:
-                    for piece in _tool_chunks(chunk, index, plan, result):
+                if spec.tools is not None:
+                    for piece in _tool_chunks(chunk, index, spec, result):
                         yield piece
                     continue
                 tail = result.text[len(sent[index]):]
-                yield chunk(index, tail if plan.kind != "chat" or tail else None, api.finish_reason(result))
-            if plan.include_usage:
-                final = {"id": plan.id, "object": kind, "created": plan.created, "model": run.served.name,
-                         "system_fingerprint": "gptedge", "choices": [],
-                         "usage": api.usage(plan.prompt_tokens, completion)}
+                yield chunk(index, tail if spec.kind != "chat" or tail else None, api.finish_reason(result))
+            if spec.include_usage:
+                final = api.envelope(spec, run.served.name, [], chunk=True,
+                                     usage=api.usage(spec.prompt_tokens, completion))
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -344,10 +352,10 @@ def _stream(request: Request, run: Run) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _tool_chunks(chunk, index: int, plan: api.Plan, result) -> list[str]:
+def _tool_chunks(chunk, index: int, spec: api.RequestSpec, result: GenerationResult) -> list[str]:
     """A finished answer of a request with tools, as OpenAI streams it: each call's index, id, type and name
     first, then its arguments' text, then finish_reason "tool_calls"; or the text, when it makes no call."""
-    message, called = api.assistant_message(plan, result.text)
+    message, called = api.assistant_message(spec, result.text)
     if not called:
         return [chunk(index, result.text or None, api.finish_reason(result))]
     out = []
@@ -362,9 +370,9 @@ def _tool_chunks(chunk, index: int, plan: api.Plan, result) -> list[str]:
 
 
 # -- routes ------------------------------------------------------------------------------------------------
-def create_app(config: ServeConfig, state: State | None = None) -> Starlette:
-    """The ASGI app. Models load in a background thread started with the app (see State)."""
-    state = state or State(config)
+def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlette:
+    """The ASGI app. Models load in a background thread started with the app (see ServerState)."""
+    state = state or ServerState(config)
 
     async def generate(request: Request, kind: str) -> Response:
         start = time.perf_counter()
@@ -372,9 +380,9 @@ def create_app(config: ServeConfig, state: State | None = None) -> Starlette:
             _check_key(request, config.api_key)
             body = await _read_json(request, config.max_body_bytes, config.body_timeout_s)
             served = _served(state, body.get("model") if isinstance(body, dict) else None)
-            plan = await asyncio.to_thread(api.build_plan, kind, body, served)  # tokenizing, grammar compiling
-            run = Run(plan, served, start)
-            return _stream(request, run) if plan.stream else await _answer(request, run)
+            spec = await asyncio.to_thread(api.check_request, kind, body, served)  # tokenizing, grammar compiling
+            run = RequestRun(spec, served, start)
+            return _stream(request, run) if spec.stream else await _answer(request, run)
         except api.ApiError as exc:
             return error_response(exc)
         except ClientDisconnect:

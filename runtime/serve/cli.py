@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB
     from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
-    from gptedge.runtime.serve.app import ServeConfig, State, create_app
+    from gptedge.runtime.serve.app import ServeConfig, ServerState, create_app
 
     bundles = parse_bundles(args.bundle)
     if args.parallel < 1:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, command: str) -> int:
               "machine can use the models", file=sys.stderr)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    state = State(config)
+    state = ServerState(config)
     server = uvicorn.Server(uvicorn.Config(create_app(config, state), log_level="warning", timeout_keep_alive=5,
                                            limit_concurrency=512))
 
