@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("gptedge.runtime.cli", "multi-turn chat with history truncated to the context"),
     "next": ("gptedge.runtime.cli", "table of the most likely next tokens with probabilities"),
     "eval": ("gptedge.runtime.cli", "perplexity of a bundle on a text file"),
+    "embed": ("gptedge.runtime.cli", "vectors of texts from an embedding bundle, as JSON lines"),
     "info": ("gptedge.runtime.cli", "describe a bundle: architecture, dtype, quantization, quality report, sizes"),
     "bench": ("gptedge.runtime.cli", "measure load time, time to first token and decode tokens/s of a bundle"),
     "serve": ("gptedge.runtime.serve.cli",

@@ -39,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--eval-text", nargs="+", default=None, metavar="TEXT",
                         help="GGUF sources: held-out text (files, folders, globs) the kept bundle's perplexity is "
                              "checked on against the dequantized model (default: built-in English prose)")
+    parser.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="write an embedding bundle (one pooled vector per text, for retrieval) instead of a "
+                             "text-generation one (default: when the folder carries sentence-transformers' "
+                             "modules.json)")
+    parser.add_argument("--pooling", choices=("last", "mean", "first"), default=None,
+                        help="embedding bundles: pool the last real token (Qwen3-Embedding), the mean over real "
+                             "tokens, or the first token (default: what the folder's 1_Pooling/config.json says, "
+                             "else last)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="embedding bundles: L2-normalise the vectors (default: when the folder lists a "
+                             "Normalize module; yes without sentence-transformers files)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -49,7 +60,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     out = export_bundle(
         args.source, args.out_dir, target=args.target, dtype=args.dtype, max_context=args.max_context,
         kv=args.kv, genai=args.genai, dequantize=args.dequantize, eval_text=args.eval_text, force=args.force,
-        progress=not args.quiet,
+        embeddings=args.embeddings, pooling=args.pooling, normalize=args.normalize, progress=not args.quiet,
     )
     print(out)
     return 0

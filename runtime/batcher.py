@@ -129,6 +129,13 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_positions(self) -> int:
+        """Positions stored in the KV rows of the sequences now running (for the server's metrics)."""
+        if self.shared:
+            return int(self._rows.lengths.sum())
+        return sum(r.cache.length for r in list(self._slots) if r is not None and r.cache is not None)
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread; running and waiting sequences end as "cancelled"."""
         with self._wake:

@@ -40,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="how far the sliding window advances (default: window/2)")
     if command == "next":
         parser.add_argument("--top", type=int, default=10, help="how many candidate tokens to list")
+    if command == "embed":
+        parser.add_argument("text", nargs="*", help="texts to embed (none: one text per line of standard input)")
+        parser.add_argument("--prompt", default=None, metavar="NAME",
+                            help="put the model's prompt NAME before each text (e.g. query; `gptedge info` lists them)")
+        parser.add_argument("--dimensions", type=int, default=None, metavar="N",
+                            help="keep the first N entries of each vector (renormalised), for models trained so")
+        parser.add_argument("--batch-size", type=int, default=32, help="texts per graph run")
+        parser.add_argument("--truncate", action="store_true",
+                            help="cut texts longer than the context instead of failing")
     if command in ("generate", "chat"):
         _add_sampling(parser)
         g = parser.add_argument_group("speculative decoding (exact: greedy gives the same text, sampling the same "
@@ -124,7 +133,8 @@ def _unescape(text: str) -> str:
 OPTIONS = {"truncate": "--truncate-left", "max_new_tokens": "--max-new-tokens", "top_p": "--top-p",
            "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
            "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
-           "stop_strings": "--stop", "threads": "--threads", "seed": "--seed", "temperature": "--temperature"}
+           "stop_strings": "--stop", "threads": "--threads", "seed": "--seed", "temperature": "--temperature",
+           "dimensions": "--dimensions", "batch_size": "--batch-size", "prompt": "--prompt"}
 
 
 def cli_message(exc: UsageError) -> str:
@@ -141,16 +151,22 @@ def run(args: argparse.Namespace, command: str) -> int:
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
         try:
             return {"generate": _generate, "chat": _chat, "next": _next, "eval": _eval, "info": _info,
-                    "bench": _bench}[command](args)
+                    "bench": _bench, "embed": _embed}[command](args)
         except UsageError as exc:
             raise type(exc)(cli_message(exc), field=exc.field) from None
 
 
-def _load(args: argparse.Namespace, bundle: Path | None = None):
+def _load(args: argparse.Namespace, bundle: Path | None = None, embedding: bool = False):
+    """The bundle as a Model (or, for `embed`, an EmbeddingModel); the other kind is a one-line error."""
+    from gptedge.runtime.embedder import EmbeddingModel
     from gptedge.runtime.model import Model
 
-    return Model.load(args.bundle if bundle is None else bundle, provider=args.provider, threads=args.threads,
-                      spin=args.spin)
+    model = Model.load(args.bundle if bundle is None else bundle, provider=args.provider, threads=args.threads,
+                       spin=args.spin)
+    if isinstance(model, EmbeddingModel) != embedding:
+        raise UsageError("this is an embedding bundle: use gptedge embed" if not embedding else
+                         "this bundle generates text; export an embedding model with --embeddings for gptedge embed")
+    return model
 
 
 def _speculative(args: argparse.Namespace):
@@ -262,6 +278,21 @@ def _next(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    """One JSON line per text: {"index": i, "embedding": [...]}, in the order given."""
+    import json
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    if not texts:
+        raise UsageError("no text to embed; pass texts or lines on standard input")
+    model = _load(args, embedding=True)
+    vectors = model.embed(texts, batch_size=args.batch_size, truncate=args.truncate, prompt=args.prompt,
+                          dimensions=args.dimensions)
+    for i, vector in enumerate(vectors):
+        print(json.dumps({"index": i, "embedding": [round(float(x), 7) for x in vector]}))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gptedge.runtime.evaluate import perplexity
 
@@ -325,6 +356,11 @@ def describe(spec, sizes: dict[str, int], verified: bool) -> list[str]:
         f"defaults      {', '.join(f'{k}={v!r}' for k, v in spec.generation_defaults.items()) or 'none'}",
         f"format        version {spec.format_version}; checksums {'verified' if verified else 'not checked'}",
     ]
+    if spec.task == "embedding":
+        e = spec.embedding or {}
+        prompts = ", ".join(e.get("prompts") or {}) or "none"
+        lines[2] = (f"embedding     {e.get('pooling')} pooling, {'normalized' if e.get('normalize') else 'raw'}, "
+                    f"{e.get('dimensions')} dimensions, prompts: {prompts} (gptedge embed, /v1/embeddings)")
     if a.details:
         lines.insert(1, f"model         {_model_line(a.details)}")
     if spec.chat_template:

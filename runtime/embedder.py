@@ -92,8 +92,7 @@ class EmbeddingModel:
                                        or not 1 <= dimensions <= self.dimensions):
             raise UsageError(f"dimensions must be an integer in [1, {self.dimensions}], got {dimensions!r}",
                              field="dimensions")
-        prefix = self._prefix(prompt)
-        ids = [self._ids(t, prefix, truncate, i) for i, t in enumerate(texts)]
+        ids = self.token_ids(texts, truncate=truncate, prompt=prompt)
         out = np.empty((len(ids), self.dimensions), np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
@@ -109,6 +108,15 @@ class EmbeddingModel:
             if (self.spec.embedding or {}).get("normalize"):
                 out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
+
+    def token_ids(self, texts: Sequence[str] | Sequence[Sequence[int]], *, truncate: bool = False,
+                  prompt: str | None = None) -> list[list[int]]:
+        """The ids each text is embedded as (prompt prefix and special tokens included, checked against the
+        context and the vocabulary)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise UsageError("texts must be a non-empty list of strings (or of token-id lists)", field="input")
+        prefix = self._prefix(prompt)
+        return [self._ids(t, prefix, truncate, i) for i, t in enumerate(texts)]
 
     def _prefix(self, prompt: str | None) -> str:
         if prompt is None:

@@ -108,3 +108,77 @@ def test_embedding_inputs_are_checked(qwen3) -> None:
         model.embed(["a"], prompt="passage")
     with pytest.raises(UsageError, match="dimensions"):
         model.embed(["a"], dimensions=1000)
+
+
+def test_the_server_answers_embeddings_through_the_openai_client(qwen3) -> None:
+    import httpx
+    import openai
+
+    from serve_util import live_server, wait_ready
+
+    folder, bundle = qwen3
+    with live_server(bundle) as (url, state):
+        wait_ready(url, timeout=60)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.embeddings.create(model="tiny", input=TEXTS[:3])  # the client asks for base64
+        ref = reference(folder, "qwen3", TEXTS[:3], "last", True)
+        got = np.array([d.embedding for d in reply.data])
+        assert cosines(got, ref).min() >= 0.99999 and [d.index for d in reply.data] == [0, 1, 2]
+        assert reply.usage.prompt_tokens == sum(len(state.models["tiny"].model.encode(t)) for t in TEXTS[:3])
+        floats = httpx.post(url + "/v1/embeddings", json={"input": "hello", "encoding_format": "float",
+                                                          "dimensions": 16}, timeout=30).json()
+        assert len(floats["data"][0]["embedding"]) == 16
+        ids = state.models["tiny"].model.encode("hello")
+        by_ids = client.embeddings.create(model="tiny", input=[ids])
+        assert cosines(np.array([by_ids.data[0].embedding]), ref[1:2]).min() >= 0.99999
+        for body, param in (({"input": []}, "input"), ({"input": ["a", 3]}, "input"),
+                            ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+                            ({"input": "a", "dimensions": 4096}, "dimensions"),
+                            ({"input": "word " * 200}, "input")):
+            bad = httpx.post(url + "/v1/embeddings", json=body, timeout=30)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        chat = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                          timeout=30)
+        assert chat.status_code == 400 and "embedding model" in chat.json()["error"]["message"]
+        listed = client.models.list().data[0]
+        assert listed.capabilities == ["embedding"] and listed.context_length == 64
+
+
+def test_tokenize_detokenize_and_metrics(runtime_bundle: Path) -> None:
+    import httpx
+
+    from serve_util import live_server, wait_ready
+
+    with live_server(runtime_bundle) as (url, state):
+        wait_ready(url)
+        model = state.models["tiny"].model
+        tokens = httpx.post(url + "/tokenize", json={"content": "def add(a, b):"}, timeout=30).json()["tokens"]
+        assert tokens == model.encode("def add(a, b):")
+        pieces = httpx.post(url + "/tokenize", json={"content": "def add", "with_pieces": True}, timeout=30).json()
+        assert "".join(p["piece"] for p in pieces["tokens"]) == "def add"
+        text = httpx.post(url + "/detokenize", json={"tokens": tokens}, timeout=30).json()["content"]
+        assert text == "def add(a, b):"
+        assert httpx.post(url + "/detokenize", json={"tokens": [-1]}, timeout=30).status_code == 400
+        done = httpx.post(url + "/v1/completions", json={"prompt": "def", "max_tokens": 5, "temperature": 0,
+                                                         "ignore_eos": True}, timeout=60)
+        assert done.status_code == 200
+        httpx.post(url + "/v1/completions", json={"prompt": "def", "max_tokens": -1}, timeout=30)
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert 'gptedge_requests_total{path="/v1/completions",status="200"} 1' in metrics
+        assert 'gptedge_requests_total{path="/v1/completions",status="400"} 1' in metrics
+        assert 'gptedge_generated_tokens_total{model="tiny"} 5' in metrics
+        assert 'gptedge_time_to_first_token_seconds_count{model="tiny"} 1' in metrics
+        assert 'gptedge_queue_waiting{model="tiny"} 0' in metrics and "gptedge_kv_bytes_in_use" in metrics
+
+
+def test_the_command_line_embeds_and_refuses_the_other_kind(qwen3, runtime_bundle: Path, capsys) -> None:
+    from gptedge.cli import main
+
+    bundle = qwen3[1]
+    assert main(["embed", str(bundle), "hello", "the cat sat", "--threads", "1", "--dimensions", "8"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(len(r["embedding"]) == 8 for r in rows)
+    assert main(["generate", str(bundle), "hi", "--threads", "1"]) != 0
+    assert "embedding bundle: use gptedge embed" in capsys.readouterr().err
+    assert main(["embed", str(runtime_bundle), "hi", "--threads", "1"]) != 0
+    assert "--embeddings" in capsys.readouterr().err

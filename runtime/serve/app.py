@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -33,7 +33,8 @@ from gptedge.errors import ContextLengthError, GptEdgeError, UsageError
 from gptedge.runtime.batcher import DEFAULT_KV_BUDGET_MB, Batcher, QueueFull
 from gptedge.runtime.decoding import Decoding, GenerationResult, Step
 from gptedge.runtime.model import DEFAULT_PREFIX_CACHE_MB
-from gptedge.runtime.serve import api
+from gptedge.runtime.serve import api, endpoints
+from gptedge.runtime.serve.endpoints import Metrics
 from gptedge.runtime.tokens import token_bytes
 
 log = logging.getLogger("gptedge.serve")
@@ -62,14 +63,21 @@ class ServeConfig:
 class ServedModel:
     """One model the server answers for: its Model, batcher, chat template and (on first use) grammar factory."""
 
-    def __init__(self, name: str, model, batcher: Batcher) -> None:
+    def __init__(self, name: str, model, batcher: Batcher | None) -> None:
         from gptedge.runtime.chat import template_for
 
-        self.name, self.model, self.batcher = name, model, batcher
-        self.capacity = batcher.capacity
-        self.template = template_for(model)
+        self.name, self.model, self.batcher = name, model, batcher  # batcher None: an embedding model
+        self.capacity = batcher.capacity if batcher is not None else model.context_length
+        self.template = template_for(model) if batcher is not None else None
         self._grammar = None
         self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> list[str]:
+        return ["completion", "chat"] if self.batcher is not None else ["embedding"]
+
+    def kv_bytes_in_use(self) -> int:
+        return self.batcher.kv_positions * self.model.engine.bytes_per_position if self.batcher is not None else 0
 
     def grammar(self):
         from gptedge.runtime.structured import GrammarFactory
@@ -88,6 +96,7 @@ class ServerState:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.models: dict[str, ServedModel] = {}
         self.ready = threading.Event()
         self.error: str | None = None
@@ -99,6 +108,10 @@ class ServerState:
             for name, path in self.config.bundles:
                 model = Model.load(path, provider=self.config.provider, threads=self.config.threads,
                                    spin=self.config.spin, prefix_cache_mb=self.config.cache_ram_mb)
+                if not isinstance(model, Model):  # an embedding bundle: vectors, no batcher
+                    self.models[name] = ServedModel(name, model, None)
+                    log.info("gptedge serve: %s loaded (embeddings, %s)", name, model.provider)
+                    continue
                 batcher = Batcher(model.engine, rows=self.config.parallel, kv_budget_mb=self.config.kv_budget_mb,
                                   max_queue=self.config.max_queue, pad_id=model.pad_id, name=f"gptedge-batcher-{name}",
                                   store=model.prefix_store)
@@ -118,6 +131,8 @@ class ServerState:
 
     def close(self) -> None:
         for name, served in self.models.items():
+            if served.batcher is None:
+                continue
             served.batcher.close()
             saved = self._prompt_cache(name)
             if saved is not None and served.model.prefix_store is not None:
@@ -207,8 +222,9 @@ class SequenceEvent(NamedTuple):
 class RequestRun:
     """A checked request's sequences in the batcher, their events on an asyncio queue."""
 
-    def __init__(self, spec: api.RequestSpec, served: ServedModel, start: float) -> None:
-        self.spec, self.served = spec, served
+    def __init__(self, spec: api.RequestSpec, served: ServedModel, start: float,
+                 metrics: Metrics | None = None) -> None:
+        self.spec, self.served, self.metrics = spec, served, metrics
         self.queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
         self.handles = []
         loop = asyncio.get_running_loop()
@@ -220,8 +236,7 @@ class RequestRun:
                     seq,
                     lambda step, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait,
                                                                       SequenceEvent(i, step=step)),
-                    lambda result, error, i=c.index: loop.call_soon_threadsafe(
-                        self.queue.put_nowait, SequenceEvent(i, result=result, error=error)),
+                    lambda result, error, i=c.index: self._done(loop, i, result, error),
                     cache_prompt=spec.cache_prompt,
                 ))
         except QueueFull as exc:
@@ -230,6 +245,12 @@ class RequestRun:
         except ContextLengthError as exc:  # the sequence cannot fit a row of this server's KV budget
             self.cancel()
             raise api.bad(str(exc), None, "context_length_exceeded") from None
+
+    def _done(self, loop: asyncio.AbstractEventLoop, index: int, result: GenerationResult | None,
+              error: BaseException | None) -> None:
+        if result is not None and self.metrics is not None:
+            self.metrics.sequence(self.served.name, result)
+        loop.call_soon_threadsafe(self.queue.put_nowait, SequenceEvent(index, result=result, error=error))
 
     def cancel(self) -> None:
         for h in self.handles:
@@ -380,8 +401,10 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlet
             _check_key(request, config.api_key)
             body = await _read_json(request, config.max_body_bytes, config.body_timeout_s)
             served = _served(state, body.get("model") if isinstance(body, dict) else None)
+            if served.batcher is None:
+                raise api.bad(f"model {served.name!r} is an embedding model; use POST /v1/embeddings", "model")
             spec = await asyncio.to_thread(api.check_request, kind, body, served)  # tokenizing, grammar compiling
-            run = RequestRun(spec, served, start)
+            run = RequestRun(spec, served, start, state.metrics)
             return _stream(request, run) if spec.stream else await _answer(request, run)
         except api.ApiError as exc:
             return error_response(exc)
@@ -400,16 +423,54 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlet
         except api.ApiError as exc:
             return error_response(exc)
         data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "gptedge",
-                 "context_length": s.capacity, "provider": s.model.provider} for name, s in state.models.items()]
+                 "context_length": s.capacity, "provider": s.model.provider, "capabilities": s.capabilities}
+                for name, s in state.models.items()]
         return JSONResponse({"object": "list", "data": data})
+
+    async def small(request: Request, answer) -> Response:
+        """A POST endpoint that is not generation: key, JSON body, model, then `answer(body, served)`."""
+        try:
+            _check_key(request, config.api_key)
+            body = await _read_json(request, config.max_body_bytes, config.body_timeout_s)
+            served = _served(state, body.get("model") if isinstance(body, dict) else None)
+            return JSONResponse(await asyncio.to_thread(answer, body, served))
+        except api.ApiError as exc:
+            return error_response(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    def embed(body: Any, served: ServedModel) -> dict[str, Any]:
+        if served.batcher is not None:
+            raise api.bad(f"model {served.name!r} generates text; serve an embedding bundle (gptedge export "
+                          "--embeddings) for /v1/embeddings", "model")
+        answer = endpoints.embeddings_response(body, served.name, served.model)
+        state.metrics.embedded(served.name, answer["usage"]["prompt_tokens"])
+        return answer
+
+    async def embeddings(request: Request) -> Response:
+        return await small(request, embed)
+
+    async def tokenize(request: Request) -> Response:
+        return await small(request, lambda body, served: endpoints.tokenize_response(body, served.model))
+
+    async def detokenize(request: Request) -> Response:
+        return await small(request, lambda body, served: endpoints.detokenize_response(body, served.model))
+
+    async def metrics(request: Request) -> Response:
+        try:
+            _check_key(request, config.api_key)
+        except api.ApiError as exc:
+            return error_response(exc)
+        return PlainTextResponse(state.metrics.render(state.models), media_type="text/plain; version=0.0.4")
 
     async def health(request: Request) -> Response:
         if state.error:
             return JSONResponse({"status": "error", "error": state.error}, status_code=500)
         if not state.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "models": {n: {"active": s.batcher.active, "waiting": s.batcher.waiting}
-                                                        for n, s in state.models.items()}})
+        return JSONResponse({"status": "ok", "models": {
+            n: {"active": s.batcher.active, "waiting": s.batcher.waiting} if s.batcher is not None else {}
+            for n, s in state.models.items()}})
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -433,7 +494,7 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlet
             await asyncio.to_thread(state.ready.wait)
             state.close()
 
-    middleware = []
+    middleware = [Middleware(_CountRequests, metrics=state.metrics)]
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
@@ -442,6 +503,9 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlet
             Route("/", page), Route("/health", health), Route("/v1/models", models),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+            Route("/metrics", metrics),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=middleware,
@@ -450,3 +514,25 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> Starlet
     )
     app.state.gptedge = state
     return app
+
+
+class _CountRequests:
+    """ASGI wrapper counting every HTTP response by path and status, for /metrics (known paths only)."""
+
+    PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
+             "/health", "/metrics"}
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.PATHS else "other"
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.request(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)

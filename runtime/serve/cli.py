@@ -123,8 +123,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             return
         shown = f"[{host}]" if ":" in host else host
         for name, s in state.models.items():
-            print(f"  {name}: {s.model.folder} on {s.model.provider}, {s.batcher.rows} x {s.capacity} positions",
-                  file=sys.stderr)
+            rows = f"{s.batcher.rows} x {s.capacity} positions" if s.batcher is not None else "embeddings"
+            print(f"  {name}: {s.model.folder} on {s.model.provider}, {rows}", file=sys.stderr)
         print(f"gptedge serve: ready at http://{shown}:{port}/ (OpenAI API under /v1); Ctrl-C stops", file=sys.stderr)
 
     print(f"gptedge serve: loading {', '.join(n for n, _ in bundles)} ...", file=sys.stderr)
