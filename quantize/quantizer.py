@@ -468,6 +468,17 @@ def quantize_bundle(
     """
     log = log or _stderr
     out = Path(out_dir)
+    spec = _float_spec(Path(bundle))
+    if spec.task == "embedding":  # no logits to gate on: gated on retrieval instead (quantize/embeddings.py)
+        from gptedge.quantize.embeddings import quantize_embedding_bundle
+        from gptedge.quantize.texts import builtin_text
+
+        if kv_cache is not None or genai:
+            raise QuantizeError("an embedding bundle has no KV cache and no onnxruntime-genai graph; drop "
+                                "--kv-cache / --genai")
+        text = read_text(eval_text) if eval_text is not None else builtin_text()
+        return quantize_embedding_bundle(Path(bundle), out, spec, method, text, block_size=block_size, force=force,
+                                         log=log)
     job = _prepare(Path(bundle), out, method=method, calibration=calibration, eval_text=eval_text,
                    max_ppl_increase=max_ppl_increase, float_embeddings=float_embeddings, block_size=block_size,
                    max_eval_tokens=max_eval_tokens, genai=genai, kv_cache=kv_cache, force=force, progress=progress,

@@ -182,3 +182,21 @@ def test_the_command_line_embeds_and_refuses_the_other_kind(qwen3, runtime_bundl
     assert "embedding bundle: use gptedge embed" in capsys.readouterr().err
     assert main(["embed", str(runtime_bundle), "hi", "--threads", "1"]) != 0
     assert "--embeddings" in capsys.readouterr().err
+
+
+def test_quantized_embedding_bundles_are_gated_on_retrieval(qwen3, tmp_path: Path) -> None:
+    from gptedge.errors import QuantizeError
+    from gptedge.quantize.quantizer import quantize_bundle
+
+    folder, bundle = qwen3
+    out = quantize_bundle(bundle, tmp_path / "int8", "auto", progress=False, log=lambda m: None)
+    q = read_spec(out).quantization
+    assert q["method"] == "int8-weight" and q["quality"]["passed"] and q["quality"]["min_cosine"] >= 0.99
+    assert q["quality"]["queries"] >= 8 and q["eval"]["gate"] == "retrieval"
+    vectors = Model.load(out, provider="cpu", threads=1).embed(TEXTS)
+    assert cosines(vectors, reference(folder, "qwen3", TEXTS, "last", True)).min() >= 0.99
+    with pytest.raises(QuantizeError, match="quality gate failed"):  # a random 4-bit model cannot keep rankings
+        quantize_bundle(bundle, tmp_path / "int4", "int4-weight", block_size=32, progress=False, log=lambda m: None)
+    assert not (tmp_path / "int4").exists()
+    with pytest.raises(QuantizeError, match="embedding bundles quantize with"):
+        quantize_bundle(bundle, tmp_path / "x", "int8-static", progress=False, log=lambda m: None)
