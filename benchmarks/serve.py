@@ -1,4 +1,5 @@
-"""gptedge serve against llama.cpp's own server, same weights, one run: `python benchmarks/serve.py`.
+"""gptedge serve against llama.cpp's own server, same weights, one run: `python benchmarks/serve.py`
+(`--scenario chat`: the multi-turn prompt-reuse benchmark of serve_chat.py).
 
 For 1, 4 and 8 concurrent streaming clients, each round sends every client one /v1/completions
 request at once (a 128-token prompt of random ids, exactly 128 greedy new tokens, end-of-text
@@ -233,7 +234,15 @@ def main() -> None:
     parser.add_argument("--model", choices=["gpt2-124m", *LLAMA_SHAPES], default="gpt2-124m")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per (server, clients)")
     parser.add_argument("--clients", type=int, nargs="*", default=list(CLIENTS))
+    parser.add_argument("--scenario", choices=["throughput", "chat"], default="throughput",
+                        help="throughput: the concurrent-clients table above; chat: a 10-turn conversation behind a "
+                             "long system prompt on the real SmolLM2, prompt cache on and off (serve_chat.py)")
     args = parser.parse_args()
+    if args.scenario == "chat":
+        from serve_chat import run_chat
+
+        run_chat(start, stop)
+        return
     root = CACHE / args.model
     if args.model == "gpt2-124m":
         hf_dir, vocab, context = make_random_gpt2(root / "hf"), 50257, 1024
