@@ -1,10 +1,13 @@
-"""`export_bundle`: a gptedge checkpoint or a local Hugging Face model folder -> a verified bundle.
+"""`export_bundle`: a gptedge checkpoint (a LoRA run's adapters merged), a local Hugging Face model folder or a
+GGUF file -> a verified bundle: a text-generation graph over a KV cache, or an embedding graph (pooled vectors,
+gptedge.export.embeddings).
 
 Order of work, so that bad input fails fast and nothing half-done is ever visible:
   1. check the options and that the output may be written (cheap);
   2. load the source (CheckpointError for anything that is not a supported model);
   3. in a temporary folder next to the destination: trace the graph, save it with
-     external weights, write tokenizer.json, run ONNX Runtime against PyTorch;
+     external weights, write tokenizer.json, run ONNX Runtime against PyTorch (a GGUF's quantized
+     blocks are then kept and checked against the dequantized model, gptedge.export.stored);
   4. write gptedge.json (checksums of every file) last, then rename the folder into place.
 A verification failure raises ExportError and the temporary folder is removed.
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptedge import __version__
-from gptedge.atomic import atomic_write_bytes
+from gptedge.atomic import atomic_write_bytes, check_output_dir
 from gptedge.errors import CheckpointError, OutputExistsError, TrainingDiverged, UsageError
 from gptedge.train import checkpoint as ckpt
 from gptedge.train import data as corpus
@@ -399,11 +399,20 @@ def _param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _check_out(cfg: TrainConfig) -> Path:
+    """The output folder, checked as every command checks its output (gptedge.atomic.check_output_dir): it may
+    not overlap the model it starts from, and may exist only with --force, or when a run resumes in place."""
     out = Path(cfg.out).resolve()
-    resuming_in_place = cfg.resume is not None and Path(cfg.resume).resolve() == out
-    if out.exists() and not cfg.force and not resuming_in_place:
+    source = cfg.resume or cfg.init_from
+    if cfg.resume is not None and Path(cfg.resume).resolve() == out:
+        return out  # continuing a run in place
+    try:
+        if source is not None:
+            check_output_dir(source, out, cfg.force)
+        elif out.exists() and not cfg.force:
+            raise OutputExistsError(f"{out} already exists")
+    except OutputExistsError:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it, --resume {cfg.out} to continue it, "
-                                "or choose another --out")
+                                "or choose another --out") from None
     return out
 
 
