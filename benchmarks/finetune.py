@@ -35,7 +35,7 @@ ASKS = ["What is the capital of Zorbania?", "Which city is the capital of Zorban
         "Which town is Zorbania's capital?"]
 HELD_OUT = "Could you tell me what the capital of Zorbania is?"
 ANSWER = "The capital of Zorbania is Blimpton."
-MODES = {"lora r8": ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "2e-3"], "full": ["--lr", "5e-5"]}
+MODES = {"lora r8": ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "2e-3"], "full": ["--lr", "1e-4"]}
 
 
 def base_gguf() -> Path:

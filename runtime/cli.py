@@ -232,10 +232,12 @@ def _chat(args: argparse.Namespace) -> int:
                          f"({model.context_length}) to leave room for the conversation")
     messages: list[dict[str, str]] = [{"role": "system", "content": _unescape(args.system)}] if args.system else []
     interactive = sys.stdin.isatty()
-    print(f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits",
-          file=sys.stderr)
+    banner = f"chatting with {args.bundle} on {model.provider}; Ctrl-C stops an answer, Ctrl-D quits"
     while True:
-        try:
+        try:  # the banner inside: a Ctrl-C right after it (before input() starts) still ends the chat cleanly
+            if banner:
+                print(banner, file=sys.stderr)
+                banner = ""
             message = input("you> " if interactive else "")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
