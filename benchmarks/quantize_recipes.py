@@ -143,12 +143,11 @@ def markdown(models: dict[str, dict], meta: dict) -> str:
     lines = []
     for label, m in models.items():
         lines += [f"### {label}: fp32 perplexity {m['float_ppl']:.4f} on {m['eval_tokens']:,} held-out tokens", "",
-                  "| rounding | model MB | perplexity change (95% interval) | top-1 agreement | build s |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| rounding | model MB | perplexity change (95% interval) | top-1 agreement |",
+                  "|---|---:|---:|---:|"]
         for r in m["rows"]:
             lines.append(f"| {r['variant']} | {r['model_mb']:.1f} | {r['ppl_change_pct']:+.2f}% "
-                         f"({r['ci_pct'][0]:+.2f} to {r['ci_pct'][1]:+.2f}) | {100 * r['top1_agreement']:.1f}% | "
-                         f"{r['build_s']:.0f} |")
+                         f"({r['ci_pct'][0]:+.2f} to {r['ci_pct'][1]:+.2f}) | {100 * r['top1_agreement']:.1f}% |")
         lines.append("")
     lines.append(f"Calibration: 128 windows of 256 tokens from the first three quarters of each text; the head is "
                  f"tied to the embedding (one matrix). Machine: {meta['machine']}; {meta['time']}.")
