@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -47,12 +46,16 @@ def write_data(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
 
 
+# A fresh parent per command: RUSAGE_CHILDREN's ru_maxrss is the largest child a process ever had.
+MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def gptedge(*args: str) -> float:
-    """Run a gptedge command in a child process; its peak resident memory in MB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "gptedge.cli", *args], check=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(peak, before) / 1024  # ru_maxrss is in KB on Linux (the largest child so far)
+    """Run a gptedge command in its own process; that process's peak resident memory in MB."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "gptedge.cli", *args], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KB on Linux
 
 
 def ask(bundle: Path) -> str:
