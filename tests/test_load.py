@@ -95,10 +95,12 @@ def test_100_cancelled_generations_free_their_buffers(runtime_model: Model) -> N
     runtime_model.engine.clear_pool()
     process = psutil.Process()
     with ThreadPoolExecutor(max_workers=4) as pool:
-        # Warm-up on the same 4 threads as the measured run: pools, lazily built buffers, and the allocator arenas
-        # each new thread gets (one-time growth, which a loaded machine spreads over more arenas, not a leak).
-        warm = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(24)]
+        # Warm-up on the same 4 threads, as many cancellations as are measured: pools, lazily built buffers, the
+        # allocator arenas each new thread gets and onnxruntime's arena, which extends in large steps when
+        # concurrent runs first need more and never shrinks. A leak grows with every round; those settle.
+        warm = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(100)]
         assert not wait(warm, timeout=DEADLINE_S).not_done
+        assert [f.result() for f in warm] == ["cancelled"] * 100
         rss_before, unpooled_before = process.memory_info().rss, unpooled_caches(runtime_model)
         futures = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(100)]
         done, not_done = wait(futures, timeout=DEADLINE_S)
