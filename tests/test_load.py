@@ -94,21 +94,29 @@ def unpooled_caches(model: Model) -> int:
 def test_100_cancelled_generations_free_their_buffers(runtime_model: Model) -> None:
     runtime_model.engine.clear_pool()
     process = psutil.Process()
+    growths = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        # Warm-up on the same 4 threads, as many cancellations as are measured: pools, lazily built buffers, the
-        # allocator arenas each new thread gets and onnxruntime's arena, which extends in large steps when
-        # concurrent runs first need more and never shrinks. A leak grows with every round; those settle.
-        warm = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(100)]
-        assert not wait(warm, timeout=DEADLINE_S).not_done
-        assert [f.result() for f in warm] == ["cancelled"] * 100
-        rss_before, unpooled_before = process.memory_info().rss, unpooled_caches(runtime_model)
-        futures = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(100)]
-        done, not_done = wait(futures, timeout=DEADLINE_S)
-        assert not not_done, f"{len(not_done)} cancellations still running after {DEADLINE_S} s"
-    reasons = [f.result() for f in futures]
-    assert reasons == ["cancelled"] * 100
+
+        def cancel_100() -> None:
+            futures = [pool.submit(_cancel_mid_stream, runtime_model, i) for i in range(100)]
+            done, not_done = wait(futures, timeout=DEADLINE_S)
+            assert not not_done, f"{len(not_done)} cancellations still running after {DEADLINE_S} s"
+            assert [f.result() for f in futures] == ["cancelled"] * 100
+
+        # A warm-up round on the same 4 threads: pools, lazily built buffers, the allocator arenas each new thread
+        # gets. Then rounds of 100, measured: onnxruntime's arena and the allocator's free lists can still settle
+        # in one large step (seen after other tests in one process), but a leak grows in every round, so a round
+        # that does not grow shows there is none.
+        cancel_100()
+        unpooled_before = unpooled_caches(runtime_model)
+        for _ in range(3):
+            rss_before = process.memory_info().rss
+            cancel_100()
+            growths.append(process.memory_info().rss - rss_before)
+            if growths[-1] < 8 << 20:
+                break
     sizes = pooled(runtime_model)
     assert sizes and all(n <= POOL_LIMIT for n in sizes.values()), sizes
     assert unpooled_caches(runtime_model) <= unpooled_before, "a KV cache outlived its cancelled generation"
-    growth = process.memory_info().rss - rss_before
-    assert growth < 8 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 100 cancellations"
+    assert growths[-1] < 8 << 20, "RSS grew in every round of 100 cancellations: " + ", ".join(
+        f"{g / 2**20:.1f} MiB" for g in growths)
