@@ -137,6 +137,11 @@ class BundleSpec:
     embedding: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
+    @property
+    def pad_id(self) -> int:
+        """The token that fills a batch's shorter rows (never attended to): the pad id, else eos, else 0."""
+        return int(self.special_tokens.get("pad_id", self.special_tokens.get("eos_id")) or 0)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
 

@@ -30,7 +30,6 @@ class EmbeddingModel:
                  info: SessionInfo, load_s: float) -> None:
         self.session, self.tokenizer, self.spec, self.folder = session, tokenizer, spec, folder
         self.session_info, self.load_seconds = info, load_s
-        self.pad_id = int(spec.special_tokens.get("pad_id", spec.special_tokens.get("eos_id", 0)) or 0)
 
     @classmethod
     def from_spec(cls, folder: Path, spec: BundleSpec, provider: str, threads: int | None, cache: bool,
@@ -83,8 +82,6 @@ class EmbeddingModel:
         prompt: the name of one of the model's `prompts` (or None) put before each text. dimensions: keep the
         first `dimensions` entries (renormalised when the model normalises), for models trained to allow it.
         """
-        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-            raise UsageError("texts must be a non-empty list of strings (or of token-id lists)", field="input")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
             raise UsageError(f"batch_size must be an integer in [1, {MAX_BATCH}], got {batch_size!r}",
                              field="batch_size")
@@ -98,7 +95,7 @@ class EmbeddingModel:
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
             width = max(len(ids[i]) for i in rows)
-            batch = np.full((len(rows), width), self.pad_id, np.int64)
+            batch = np.full((len(rows), width), self.spec.pad_id, np.int64)
             mask = np.zeros((len(rows), width), np.int64)
             for r, i in enumerate(rows):
                 batch[r, : len(ids[i])], mask[r, : len(ids[i])] = ids[i], 1

@@ -220,7 +220,7 @@ class Model:
     @property
     def pad_id(self) -> int:
         """The token that fills a batch's shorter rows (never attended to): the bundle's pad id, else eos, else 0."""
-        return int(self.spec.special_tokens.get("pad_id", self.eos_id) or 0)
+        return self.spec.pad_id
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
