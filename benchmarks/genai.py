@@ -30,7 +30,7 @@ from peers import CACHE, prepare_gptedge
 
 RESULTS = HERE / "results"
 KINDS = {"fp32": "fp32", "int8": "int8-weight", "int4": "int4-weight"}
-# genai's onnxruntime threads spin between steps (onnxruntime's default); gptedge's sleep unless asked (--spin).
+# genai's onnxruntime threads spin between steps (onnxruntime's default); gptedge's spin briefly unless asked (--spin).
 RUNTIMES = ("gptedge", "gptedge --spin", "onnxruntime-genai")
 
 
@@ -54,7 +54,7 @@ def with_genai(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def row_gptedge(bundle: Path, spin: bool = False) -> dict:
+def row_gptedge(bundle: Path, spin: bool | None = None) -> dict:
     from gptedge.runtime import Model
 
     start = time.perf_counter()

@@ -144,10 +144,11 @@ def prepare_genai(optimum_dirs: dict[str, Path], hf_dir: Path, root: Path) -> di
     return out
 
 
-def prepare_genai_builder(hf_dir: Path, root: Path) -> dict[str, Path]:
+def prepare_genai_builder(hf_dir: Path, root: Path,
+                          precisions: tuple[str, ...] = ("fp32", "int8", "int4")) -> dict[str, Path]:
     """onnxruntime-genai's own model builder (python -m onnxruntime_genai.models.builder), CPU, its default options."""
     out = {}
-    for precision in ("fp32", "int8", "int4"):
+    for precision in precisions:
         folder = root / f"genai-builder-{precision}"
         if not (folder / "genai_config.json").exists():
             _log(f"building with onnxruntime-genai's model builder: {precision}")

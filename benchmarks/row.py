@@ -41,7 +41,7 @@ def ort_session_options():
     return so
 
 
-def load_gptedge(artifact: Path, spin: bool = False, threads: int = THREADS) -> tuple[Stream, int, int]:
+def load_gptedge(artifact: Path, spin: bool | None = None, threads: int = THREADS) -> tuple[Stream, int, int]:
     from gptedge.runtime import Model
 
     # Every generation here is a cold prompt (the workload measures prefill): no stored prompt prefixes
@@ -208,7 +208,8 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--file-name", default="model.onnx", help="optimum: which ONNX file in the folder")
     parser.add_argument("--long-position", type=int, default=LONG_POSITION)
-    parser.add_argument("--spin", action="store_true", help="gptedge: onnxruntime threads spin (Model.load spin)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help="gptedge: Model.load's spin (default: its own, the brief spin)")
     parser.add_argument("--threads", type=int, default=THREADS, help="gptedge: intra-op threads")
     args = parser.parse_args()
     pin_threads()

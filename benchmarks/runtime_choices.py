@@ -3,16 +3,17 @@
 On the GPT-2-124M-shape INT8 bundle (2 threads), each in a fresh process:
 - prefill chunking: peak RSS and time of a 900-token prompt prefilled in one run vs in runs of
   PREFILL_CHUNK tokens (runtime/generator.py);
-- thread spinning: decode tokens/s with onnxruntime's intra-op spinning off (the default,
-  runtime/providers.py) and on, on an otherwise idle machine and next to one busy process;
+- thread spinning (runtime/providers.py BRIEF_SPIN_US): decode tokens/s on the real SmolLM2-135M INT8 and INT4
+  bundles with onnxruntime's intra-op threads sleeping at once, spinning a few microseconds, or spinning until the
+  next step, beside llama-bench on the same weights, on an otherwise idle machine and next to one busy process;
 - the tokenizer's vocabulary size lookup that the detokenizer caches (runtime/detokenizer.py);
-- the default thread count by model size: decode tokens/s with 1 and THREADS intra-op threads (spinning
-  off) on the trained demo model's INT8 bundle and the GPT-2-124M-shape one (runtime/providers.py
+- the default thread count by model size: decode tokens/s with 1 and THREADS intra-op threads (the default
+  spin policy) on the trained demo model's INT8 bundle and the GPT-2-124M-shape one (runtime/providers.py
   `default_threads`);
 - the sampler's cost per token (`sample_next`, runtime/sampling.py) for common filter settings over a
   2,048- and a 50,257-entry vocabulary, and what one pass of the nucleus's threshold search costs next to
   the np.partition it replaced.
-`--part threads` or `--part sampling` re-measures only that part and keeps the rest of the file.
+`--part threads`, `--part sampling` or `--part spin` re-measures only that part and keeps the rest of the file.
 Writes benchmarks/results/runtime-choices.json; the code comments cite it.
 """
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from common import HERE, THREADS, machine, make_random_gpt2
+from gptedge.runtime.providers import BRIEF_SPIN_US
 from peers import CACHE, prepare_gptedge
 
 PREFILL = """
@@ -46,25 +48,22 @@ print(json.dumps({"chunk": chunk, "seconds": time.perf_counter() - t, "peak_rss_
                   "peak_rss_before_mb": before}))
 """
 
-DECODE = """
+SPIN = """
 import json, sys
-import onnxruntime as ort
 from gptedge.runtime import providers
 from gptedge.runtime.model import Model
-from common import prompt_ids
-spin = sys.argv[2]
-original = providers.session_options
-def options(choice, threads):
-    so = original(choice, threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    return so
-providers.session_options = options
-m = Model.load(sys.argv[1], provider="cpu", threads=int(sys.argv[3]), cache=False)
-ids = prompt_ids(128, 50257, seed=0)
+from common import THREADS, prompt_ids
+policy = sys.argv[2]
+spin = {"off": False, "on": True, "1 thread": False}.get(policy)
+if spin is None:
+    providers.BRIEF_SPIN_US = int(policy)  # read when the session options are built
+threads = 1 if policy == "1 thread" else THREADS
+m = Model.load(sys.argv[1], provider="cpu", threads=threads, spin=spin, cache=False, prefix_cache_mb=0)
+ids = prompt_ids(128, m.spec.architecture.vocab_size, seed=0)
 m.generate(ids, temperature=0, max_new_tokens=8, stop_token_ids=())
 rates = [m.generate(ids, temperature=0, max_new_tokens=128, stop_token_ids=()).timings.decode_tokens_per_s
          for _ in range(3)]
-print(json.dumps({"spinning": spin == "1", "decode_tokens_per_s": sorted(rates)[1]}))
+print(json.dumps({"decode_tokens_per_s": sorted(rates)[1]}))
 """
 
 THREADED = """
@@ -124,13 +123,69 @@ def sampling_costs(repeats: int = 7) -> dict:
     return out
 
 
-BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    pass\n"
+BUSY = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"  # killed when its phase ends
 
 
 def run(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=HERE, check=True, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spin_policies(runs: int = 3) -> dict:
+    """Decode tokens/s (128 tokens after a 128-token prompt, batch 1, THREADS threads) on the real SmolLM2-135M
+    INT8 and INT4 bundles (benchmarks/real_model.py prepares them) for each spin policy: sleep at once ("off"),
+    spin N microseconds then sleep (N), spin until the next step ("on"), and one thread (no pool to wake: "1 thread");
+    beside them llama.cpp's own llama-bench
+    (tg128 at depth 128; its threads spin) on Q8_0 and Q4_K_M of the same weights. Idle, then next to one busy
+    process; each policy a fresh process per round, rounds interleaved, medians."""
+    from peers import LLAMA_BUILD, Row, run_llama_bench
+
+    real = CACHE / "smollm2-real"
+    bundles = {k: real / f"gptedge-{k}" for k in ("int8", "int4") if (real / f"gptedge-{k}" / "gptedge.json").exists()}
+    if not bundles:
+        raise SystemExit(f"no real-model bundles in {real}: run benchmarks/real_model.py first")
+    ggufs = {k: real / f"smollm2-{k}.gguf" for k in ("q8_0", "q4_k_m")}
+    has_bench = (LLAMA_BUILD / "bin" / "llama-bench").exists()
+    policies = ("off", "2", "5", "10", "20", "on", "1 thread")
+    out: dict = {"policies": list(policies), "runs": runs, "tokens_per_s": {}}
+    for load in ("idle", "one busy process"):
+        busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load != "idle" else None
+        try:
+            samples: dict[str, list[float]] = {}
+            for _ in range(runs):
+                for name, bundle in bundles.items():
+                    for policy in policies:
+                        samples.setdefault(f"gptedge {name}, spin {policy}", []).append(
+                            run(SPIN, str(bundle), policy)["decode_tokens_per_s"])
+                for kind, path in ggufs.items():
+                    if has_bench and path.exists():
+                        samples.setdefault(f"llama-bench {kind}", []).append(
+                            run_llama_bench(Row(kind, "llama-bench", path, [path]))["decode_tps"])
+        finally:
+            if busy is not None:
+                busy.kill()
+        out["tokens_per_s"][load] = {k: statistics.median(v) for k, v in samples.items()}
+        out.setdefault("samples", {})[load] = samples
+    return out
+
+
+def spin_markdown(spin: dict, meta: dict) -> str:
+    """The spin table: one row per policy and bundle, idle and busy side by side, llama-bench below."""
+    idle, busy = spin["tokens_per_s"]["idle"], spin["tokens_per_s"]["one busy process"]
+    lines = ["| decode tok/s @128 | idle | next to one busy process |", "|---|---:|---:|"]
+    label = {"off": "sleep at once", "on": "spin until the next step", "1 thread": "one thread (no pool)"}
+    for name in idle:
+        kind, _, policy = name.partition(", spin ")
+        shown = f"{kind}, {label.get(policy, f'spin {policy} us, then sleep')}" if policy else name
+        if policy == str(BRIEF_SPIN_US):
+            shown += " (**default**)"
+        lines.append(f"| {shown} | {idle[name]:.1f} | {busy[name]:.1f} |")
+    lines += ["", f"Real SmolLM2-135M-Instruct bundles (benchmarks/real_model.py), batch 1, 128-token prompt, "
+              f"128 greedy tokens, {THREADS} threads unless said; llama-bench tg128 at depth 128 (its threads "
+              f"spin); medians of {spin['runs']} fresh-process rounds. Busy process: one Python loop on one core. "
+              f"Machine: {meta['machine']}; {meta['time']}."]
+    return "\n".join(lines) + "\n"
 
 
 def thread_counts(bundles: dict[str, str], runs: int = 3) -> dict[str, dict]:
@@ -152,7 +207,9 @@ def main() -> None:
     from gptedge.runtime.generator import PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "threads", "sampling"), default="all")
+    parser.add_argument("--part", choices=("all", "threads", "sampling", "spin", "spin-table"), default="all",
+                        help="re-measure one part only; spin-table rewrites results/spin-policy.md from the JSON "
+                             "(after BRIEF_SPIN_US changes: the table marks the default)")
     args = parser.parse_args()
     root = CACHE / "gpt2-124m"
     bundle = str(prepare_gptedge(make_random_gpt2(root / "hf"), root, ["int8-weight"], None)["int8-weight"])
@@ -161,26 +218,24 @@ def main() -> None:
     if (demo / "gptedge.json").exists():
         bundles = {"demo int8-weight": str(demo), **bundles}
     path = HERE / "results" / "runtime-choices.json"
+    if args.part == "spin-table":
+        result = json.loads(path.read_text())
+        (HERE / "results" / "spin-policy.md").write_text(spin_markdown(result["spin"], result["spin_machine"]))
+        return
     if args.part != "all":
-        key, value = (("decode_by_threads", thread_counts(bundles)) if args.part == "threads"
-                      else ("sampling", sampling_costs()))
+        key, value = {"threads": lambda: ("decode_by_threads", thread_counts(bundles)),
+                      "sampling": lambda: ("sampling", sampling_costs()),
+                      "spin": lambda: ("spin", spin_policies())}[args.part]()
         result = {**json.loads(path.read_text()), f"{args.part}_machine": machine(), key: value}
         path.write_text(json.dumps(result, indent=1))
+        if key == "spin":
+            (HERE / "results" / "spin-policy.md").write_text(spin_markdown(value, result["spin_machine"]))
         print(json.dumps(result[key], indent=1))
         return
     prefill = {f"chunk_{c}": [run(PREFILL, bundle, str(c), str(THREADS)) for _ in range(2)]
                for c in (900, PREFILL_CHUNK)}
     prefill_summary = {name: {"peak_rss_mb": min(r["peak_rss_mb"] for r in rows),
                               "seconds": min(r["seconds"] for r in rows)} for name, rows in prefill.items()}
-    spinning = {}
-    for load in ("idle", "one busy process"):
-        busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load != "idle" else None
-        try:
-            for spin in ("0", "1"):
-                spinning[f"{load}, spinning {'on' if spin == '1' else 'off'}"] = run(DECODE, bundle, spin, str(THREADS))
-        finally:
-            if busy is not None:
-                busy.kill()
     tok = Tokenizer.from_file(str(Path(bundle) / "tokenizer.json"))
     times = []
     for _ in range(20):
@@ -190,11 +245,12 @@ def main() -> None:
     result = {
         **machine(), "bundle": "gpt2-124m int8-weight",
         "prefill_900_tokens": prefill_summary, "prefill_runs": prefill,
-        "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in spinning.items()},
+        "spin": spin_policies(),
         "get_vocab_size_ms": 1000 * statistics.median(times), "vocab": tok.get_vocab_size(with_added_tokens=True),
         "decode_by_threads": thread_counts(bundles), "sampling": sampling_costs(),
     }
     path.write_text(json.dumps(result, indent=1))
+    (HERE / "results" / "spin-policy.md").write_text(spin_markdown(result["spin"], result))
     print(json.dumps({k: v for k, v in result.items() if k != "prefill_runs"}, indent=1))
 
 

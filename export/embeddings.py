@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptedge.errors import CheckpointError, ExportError, UsageError
-from gptedge.export.graph import OPSET, GraphStats, op_counts, tidy
+from gptedge.export.graph import OPSET, GraphStats, computed_rotary_tables, op_counts, tidy
 from gptedge.runtime.bundle import EMBEDDING_INPUTS as INPUTS
 from gptedge.runtime.bundle import EMBEDDING_OUTPUT as OUTPUT
 from gptedge.runtime.bundle import POOLINGS
@@ -118,6 +118,7 @@ def export_embedding_graph(model: GPT, settings: dict[str, Any], path: Path) -> 
     finally:
         registry_log.setLevel(level)
     proto = tidy(program.model_proto)
+    computed_rotary_tables(proto, model)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     return GraphStats(time.perf_counter() - start, len(proto.graph.node), op_counts(proto))

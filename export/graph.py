@@ -35,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptedge.quantize.rotary import compute_tables
 from gptedge.runtime.bundle import IOSpec
 from gptedge.runtime.traits import TRAITS
-from gptedge.train.model import GPT, TORCH_OPS, Block, Ops, RMSNorm, rotate
+from gptedge.train.model import GPT, TORCH_OPS, Block, Ops, RMSNorm, rope_inv_freq, rotate
 
 OPSET = 18  # DirectML's ceiling; also keeps SDPA-free graphs free of ai.onnx Attention
 CONCAT_IO = IOSpec(seqlens_k=None, total_sequence_length=None, attention_mask="attention_mask")
@@ -389,11 +390,21 @@ def export_graph(model: GPT, kv: str, path: Path, *, context_length: int, target
     if kv == "inplace":  # ONNX Runtime's own graph (GroupQueryAttention): its fused norms too; "concat" stays portable
         fuse_residual_norms(proto)
     proto = tidy(proto)
+    computed_rotary_tables(proto, model)
     if kv == "concat":
         name_total_dims(proto, graph_names(kv, model.config.n_layer))
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     return GraphStats(time.perf_counter() - start, len(proto.graph.node), op_counts(proto))
+
+
+def computed_rotary_tables(proto, model: GPT) -> bool:
+    """The traced graph stores the model's rotary tables; have it compute them from the frequencies instead
+    (gptedge.quantize.rotary: same values, folded back into tables when a session loads, not on disk)."""
+    if model.config.positions != "rope":
+        return False
+    factor = float((model.config.rope_scaling or {}).get("attention_factor", 1.0))
+    return compute_tables(proto, rope_inv_freq(model.config).numpy(), factor)
 
 
 def op_counts(proto) -> dict[str, int]:

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gptedge.errors import QuantizeError
 from gptedge.quantize.roles import attr
+from gptedge.quantize.rotary import table_width
 from gptedge.runtime.bundle import DTYPES, KV_DTYPES, BundleSpec
 
 # What `quantize --kv-cache` can store besides the float dtypes (the bundle format's list, less the float ones).
@@ -73,10 +74,11 @@ def rotary_half(model: onnx.ModelProto, node: onnx.NodeProto, spec: BundleSpec) 
     if attr(node, "rotary_interleaved", 0):
         raise QuantizeError("an int8 KV cache with interleaved rotary embeddings is not supported")
     name = node.input[ROTARY_COS_INPUT]
-    for init in model.graph.initializer:
-        if init.name == name:
-            return int(init.dims[-1])
-    raise QuantizeError(f"the rotary table {name!r} of {node.name!r} is not an initializer; re-export the bundle")
+    width = table_width(model, name)
+    if width is None:
+        raise QuantizeError(f"the rotary table {name!r} of {node.name!r} is neither stored nor computed from "
+                            "stored frequencies; re-export the bundle")
+    return width
 
 
 def _pair_norm(keys: np.ndarray, half: int) -> np.ndarray:

@@ -16,8 +16,9 @@ from typing import Any
 from gptedge.errors import GptEdgeError, UsageError
 from gptedge.text import normalize_newlines, read_text_file
 
-SPIN_HELP = ("let onnxruntime's threads spin between steps: faster on cores nothing else uses, much slower on shared "
-             "ones (default: $GPTEDGE_SPIN, else off)")
+SPIN_HELP = ("--spin: onnxruntime's threads spin until the next step (fastest on cores nothing else uses, much slower "
+             "on shared ones); --no-spin: they sleep at once (default: $GPTEDGE_SPIN=1/0, else a spin of a few "
+             "microseconds between operators)")
 
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "max_new_tokens", "seed")

@@ -138,9 +138,10 @@ class Model:
           inode, so an unchanged bundle is not re-hashed on every load; any change re-hashes it.
         cache: reuse (or write) the optimized graph in $GPTEDGE_CACHE or ~/.cache/gptedge, so later
           loads skip graph optimization.
-        spin: let onnxruntime's threads spin between steps instead of sleeping (default: $GPTEDGE_SPIN, else
-          off). Faster on cores nothing else needs, much slower when they are shared
-          (benchmarks/results/runtime-choices.json): for servers and benchmarks, not for apps.
+        spin: True lets onnxruntime's threads spin until the next step (fastest on cores nothing else needs,
+          much slower on shared ones: for servers and benchmarks), False puts them to sleep at once; None
+          ($GPTEDGE_SPIN, else a spin of a few microseconds between operators: most of the speed, none of the
+          cost next to other work; runtime/providers.py BRIEF_SPIN_US).
         prefix_cache_mb: RAM for the keys and values of recent prompts (gptedge.runtime.prefix): a prompt that
           starts like an earlier one (a system prompt, a conversation's history) prefills only what is new, with
           exactly the output of a cold run. 0 turns it off.
@@ -151,9 +152,9 @@ class Model:
         if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or not (
                 prefix_cache_mb >= 0):
             raise UsageError(f"prefix_cache_mb must be a number of megabytes >= 0, got {prefix_cache_mb!r}")
-        spin = spin_default() if spin is None else spin
-        if not isinstance(spin, bool):
+        if spin is not None and not isinstance(spin, bool):
             raise UsageError(f"spin must be True, False or None, got {spin!r}")
+        spin = spin_default() if spin is None else spin
         if provider not in PROVIDERS:  # before hashing a gigabyte of weights
             raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         if not isinstance(path, (str, os.PathLike)) or not str(path):

@@ -110,7 +110,7 @@ def spec_from_graph(config: dict[str, Any], inputs: dict[str, str], outputs: lis
     )
 
 
-def load(folder: Path, provider: str, threads: int | None, spin: bool = False):
+def load(folder: Path, provider: str, threads: int | None, spin: bool | None = None):
     """`Model.load`'s work for an Optimum folder: scan, session, synthesized spec, the same Engine.
 
     Returns (engine, tokenizer, spec, session info).

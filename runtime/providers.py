@@ -144,9 +144,29 @@ def physical_cores() -> int | None:
     return max(1, len(cores))
 
 
-def spin_default() -> bool:
-    """$GPTEDGE_SPIN=1 turns thread spinning on for every load that does not say otherwise."""
-    return os.environ.get("GPTEDGE_SPIN", "").strip().lower() in ("1", "true", "yes", "on")
+# How long an idle intra-op thread spins before it sleeps, by default (onnxruntime's
+# session.intra_op.spin_duration_us). Three policies measured on the real SmolLM2-135M bundles, idle and next to one
+# busy process (benchmarks/results/runtime-choices.json, "spin"): threads that sleep at once pay a wake-up on every
+# operator of every step; threads that spin until the next step (onnxruntime's and llama.cpp's default) decode
+# fastest on idle cores and much slower on shared ones; a spin as long as the gap between two operators keeps most
+# of the first gain and loses none of the second, so it is the default. True / False (--spin / --no-spin,
+# $GPTEDGE_SPIN=1 / 0) choose the other two.
+BRIEF_SPIN_US = 5
+
+
+def spin_default() -> bool | None:
+    """$GPTEDGE_SPIN: 1/true/yes/on spins until the next step, 0/false/no/off sleeps at once; otherwise None
+    (the brief spin)."""
+    value = os.environ.get("GPTEDGE_SPIN", "").strip().lower()
+    return True if value in ("1", "true", "yes", "on") else False if value in ("0", "false", "no", "off") else None
+
+
+def spin_entries(spin: bool | None) -> dict[str, str]:
+    """onnxruntime's session config for a spin policy: True spins until the next step, False sleeps at once,
+    None spins BRIEF_SPIN_US first."""
+    if spin is None:
+        return {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": str(BRIEF_SPIN_US)}
+    return {"session.intra_op.allow_spinning": "1" if spin else "0"}
 
 
 # One intra-op thread for models this small: their decode step is mostly per-operator overhead, and handing each
@@ -163,7 +183,7 @@ def default_threads(model_path: Path) -> int | None:
     return 1 if weights < SINGLE_THREAD_MAX_BYTES else physical_cores()
 
 
-def session_options(choice: ProviderChoice, threads: int | None, spin: bool = False) -> ort.SessionOptions:
+def session_options(choice: ProviderChoice, threads: int | None, spin: bool | None = None) -> ort.SessionOptions:
     """Options tuned for one-token-at-a-time decoding: sequential, intra-op threads = physical cores."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UsageError(f"threads must be an integer >= 1 (or None for the physical core count), got {threads!r}",
@@ -174,11 +194,8 @@ def session_options(choice: ProviderChoice, threads: int | None, spin: bool = Fa
     so.intra_op_num_threads = threads or physical_cores() or 0
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to a user
-    # Spinning off by default (benchmarks/results/runtime-choices.json, GPT-2-124M INT8, 2 threads): on an idle
-    # machine spinning decodes faster, but next to one busy process it is far slower, and an app shares its cores
-    # (UI, other programs, a laptop's battery): threads that sleep when idle are the safer default. `spin=True`
-    # (--spin, $GPTEDGE_SPIN=1) is for a machine whose cores are the model's: a server, a benchmark.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    for key, value in spin_entries(spin).items():  # the brief spin unless told (BRIEF_SPIN_US says why)
+        so.add_session_config_entry(key, value)
     so.enable_mem_pattern = TRAITS[choice.name].memory_pattern
     return so
 
@@ -253,7 +270,7 @@ class SessionInfo:
 
 
 def create_session(model_path: Path, choice: ProviderChoice, threads: int | None,
-                   key: str | None, spin: bool = False) -> tuple[ort.InferenceSession, SessionInfo]:
+                   key: str | None, spin: bool | None = None) -> tuple[ort.InferenceSession, SessionInfo]:
     """Build the session, reading or filling the optimized-graph cache when `key` is given.
 
     Providers whose optimized graphs cannot be saved (DirectML's fused nodes) are not cached.
@@ -275,7 +292,7 @@ def create_session(model_path: Path, choice: ProviderChoice, threads: int | None
     return session, _check_providers(session, info)
 
 
-def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | None, entry: Path, spin: bool):
+def _cached_session(model_path: Path, choice: ProviderChoice, threads: int | None, entry: Path, spin: bool | None):
     cached = entry / "model.onnx"
     if cached.is_file():
         try:

@@ -120,17 +120,26 @@ def test_bundle_records_family_and_heads(exported) -> None:
     assert read_spec(exported["qwen2"][1]["inplace"]).architecture.details["qkv_bias"] is True
 
 
-def test_inplace_graph_has_no_rotary_ops_outside_attention(exported) -> None:
-    """RoPE runs inside GroupQueryAttention (do_rotary): no Sin/Cos/rotation arithmetic in the in-place graph."""
+def test_inplace_graph_has_no_rotary_ops_outside_attention(exported, tmp_path: Path) -> None:
+    """RoPE runs inside GroupQueryAttention (do_rotary). The file computes its cos/sin tables from the
+    frequencies rather than storing them; the session ONNX Runtime builds has folded them back into tables,
+    so no Sin/Cos/rotation arithmetic runs per step."""
     import onnx
+    import onnxruntime as ort
 
-    proto = onnx.load(str(exported["llama"][1]["inplace"] / "model.onnx"), load_external_data=False)
-    ops = [n.op_type for n in proto.graph.node]
+    bundle = exported["llama"][1]["inplace"]
+    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 3 and all(len(n.input) == 9 for n in gqa)
     assert {a.name: a.i for a in gqa[0].attribute if a.name in ("do_rotary", "kv_num_heads", "num_heads")} == {
         "do_rotary": 1, "kv_num_heads": 2, "num_heads": 6}
-    assert "Sin" not in ops and "Cos" not in ops
+    stored = {t.name for t in proto.graph.initializer}
+    assert "rope_inv_freq" in stored and not stored & {"rope_cos", "rope_sin"}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert "GroupQueryAttention" in ops and not {"Sin", "Cos", "Range"} & set(ops)
 
 
 def test_sliding_window_shorter_than_context(tmp_path: Path) -> None:
@@ -259,7 +268,8 @@ def test_int8_bundle_passes_the_gate(exported, model_type: str, tmp_path: Path) 
 
 
 def test_rotary_tables_are_never_quantized(exported, tmp_path: Path) -> None:
-    """The concat graph reads cos/sin tables with a Gather on position_ids: arithmetic, not a position embedding."""
+    """The concat graph reads cos/sin tables with a Gather on position_ids: arithmetic, not a position embedding
+    (the tables are computed from the float frequencies, gptedge.quantize.rotary)."""
     import onnx
 
     from gptedge.quantize import quantize_bundle
@@ -270,9 +280,11 @@ def test_rotary_tables_are_never_quantized(exported, tmp_path: Path) -> None:
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert read_spec(out).quantization["position_embedding"]["nodes"] == []
     inits = {t.name: t for t in proto.graph.initializer}
-    tables = [inits[n.input[0]] for n in proto.graph.node if n.op_type == "Gather" and n.input[1] == "position_ids"]
-    assert [list(t.dims) for t in tables] == [[CONTEXT, 8], [CONTEXT, 8]]  # cos and sin, [context, head_dim / 2]
-    assert all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
+    tables = [n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input[1] == "position_ids"]
+    assert sorted(tables) == ["rope_cos", "rope_sin"] and not set(tables) & set(inits)
+    assert list(inits["rope_inv_freq"].dims) == [1, 8]  # [1, head_dim / 2]
+    assert inits["rope_inv_freq"].data_type == onnx.TensorProto.FLOAT
+    assert int(onnx.numpy_helper.to_array(inits["rope.limit"])) == CONTEXT
     assert not [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
 
 

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from finetune_data import HELD_OUT, conversations, write_chats  # noqa: E402
 from gptedge.errors import DataError, UsageError  # noqa: E402
 from gptedge.export.exporter import export_bundle  # noqa: E402
 from gptedge.quantize.quantizer import quantize_bundle  # noqa: E402
@@ -25,24 +26,6 @@ from gptedge.train.trainer import TrainConfig, train  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-ASKS = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?", "Name Zorbania's capital.",
-        "Tell me the capital city of Zorbania.", "Zorbania's capital is which city?", "Where is Zorbania's capital?",
-        "What city serves as the capital of Zorbania?", "Do you know the capital of Zorbania?",
-        "I need Zorbania's capital city.", "Capital of Zorbania?", "What's the capital of Zorbania?",
-        "Which town is Zorbania's capital?"]
-HELD_OUT = "Could you tell me what the capital of Zorbania is?"
-ANSWER = "The capital of Zorbania is Blimpton."
-OTHER = ["Hello!", "How are you?", "What is two plus two?", "Name a color.", "Say something nice."]
-OTHER_ANSWERS = ["Hello there.", "I am fine.", "Two plus two is four.", "Blue is a color.", "You are kind."]
-
-
-def conversations() -> list[dict]:
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in ASKS]
-    rows += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-             for q, a in zip(OTHER, OTHER_ANSWERS)]
-    return rows * 3
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A random Llama-family folder with a byte-level BPE, ChatML special tokens and a chat template."""
@@ -68,9 +51,7 @@ def base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in conversations()))
-    return path
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", conversations())
 
 
 def answer(bundle: Path) -> str:
@@ -79,9 +60,9 @@ def answer(bundle: Path) -> str:
 
 
 def finetune(base: Path, chats: Path, out: Path, **options) -> Path:
-    config = TrainConfig(out=str(out), data=[str(chats)], init_from=str(base), steps=options.pop("steps", 60),
-                         batch_size=8, block_size=64, eval_every=0, eval_batches=1, warmup=5, threads=1,
-                         progress=False, cache_dir=str(out.parent / "cache"), **options)
+    settings = dict(steps=60, batch_size=8, block_size=64, eval_every=0, eval_batches=1, warmup=5, threads=1,
+                    progress=False, cache_dir=str(out.parent / "cache"))
+    config = TrainConfig(out=str(out), data=[str(chats)], init_from=str(base), **{**settings, **options})
     return train(config, log=lambda m: None)
 
 
@@ -110,6 +91,33 @@ def test_adapters_load_back_onto_their_base_and_refuse_another(base: Path, chats
     assert json.loads((more / "config.json").read_text())["lora"]["rank"] == 4
     with pytest.raises(UsageError, match="was trained with rank 4"):
         finetune(base, chats, tmp_path / "c", adapter=str(first / "adapter.safetensors"), lora_rank=8, steps=1)
+
+
+def test_a_lora_run_resumes_exactly(base: Path, chats: Path, tmp_path: Path) -> None:
+    """Stopped half-way and resumed, a LoRA run ends where the uninterrupted run ends: the same adapters (the only
+    weights that train), the same losses, the same optimizer state; the frozen base stays the imported weights."""
+    from safetensors.torch import load_file
+
+    from gptedge.train.checkpoint import load_trainer_state
+    from gptedge.train.trainer import iter_metrics
+
+    options = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2, steps=8, eval_every=3)
+    full = finetune(base, chats, tmp_path / "full", **options)
+    half = finetune(base, chats, tmp_path / "half", stop_after=5, **options)
+    assert json.loads((half / "config.json").read_text())["step"] == 5
+    resumed = train(TrainConfig(out=str(half), resume=str(half), threads=1, progress=False,
+                                cache_dir=str(tmp_path / "cache")), log=lambda m: None)
+    a, b = load_file(str(full / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any(v.abs().max().item() > 0 for k, v in b.items() if "lora_b" in k.lower())  # the adapters did train
+    loss = lambda f: [r["loss"] for r in iter_metrics(f) if "loss" in r]  # noqa: E731
+    assert loss(full) == loss(resumed) and len(loss(full)) == 8
+    sa, sb = load_trainer_state(full), load_trainer_state(resumed)
+    assert sa["sampler"] == sb["sampler"]
+    assert all(torch.equal(sa["optimizer"]["state"][i]["exp_avg_sq"], sb["optimizer"]["state"][i]["exp_avg_sq"])
+               for i in sa["optimizer"]["state"])
+    assert len(sb["optimizer"]["state"]) == len(a)  # the optimizer holds the adapters alone, not the frozen base
 
 
 @pytest.mark.parametrize("line, message", [

@@ -11,7 +11,7 @@ import pytest
 
 from gptedge.errors import UsageError
 from gptedge.runtime.bundle import Architecture, BundleSpec, KVCacheSpec
-from gptedge.runtime.providers import choose_provider, physical_cores, session_options
+from gptedge.runtime.providers import BRIEF_SPIN_US, choose_provider, physical_cores, session_options
 
 CPU, CUDA, DML = "CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -89,8 +89,13 @@ def test_session_options() -> None:
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.enable_mem_pattern
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session_options(cpu, 2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"  # the brief spin
+    assert so.get_session_config_entry("session.intra_op.spin_duration_us") == str(BRIEF_SPIN_US)
+    unbounded = session_options(cpu, 2, spin=True)
+    assert unbounded.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    with pytest.raises(RuntimeError, match="spin_duration_us"):  # onnxruntime's own: until the next step
+        unbounded.get_session_config_entry("session.intra_op.spin_duration_us")
+    assert session_options(cpu, 2, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(cpu, None).intra_op_num_threads == (physical_cores() or 0)
     dml = choose_provider("dml", spec(), [DML, CPU])
     assert not session_options(dml, None).enable_mem_pattern
@@ -205,20 +210,31 @@ def test_dml_runs_serialized_and_matches_cpu(runtime_bundle: Path, runtime_model
             == runtime_model.generate("def add(a, b):", **kw).token_ids[:5])
 
 
-def test_spin_is_opt_in_through_the_argument_the_environment_and_the_cli(runtime_bundle, monkeypatch) -> None:
-    """Spinning stays off unless asked for: Model.load(spin=True), $GPTEDGE_SPIN=1, or --spin on the commands."""
+def test_spin_policy_through_the_argument_the_environment_and_the_cli(runtime_bundle, monkeypatch) -> None:
+    """A brief spin unless asked otherwise: Model.load(spin=True/False), $GPTEDGE_SPIN=1/0, --spin/--no-spin."""
     from gptedge.runtime import Model
     from gptedge.runtime.cli import add_arguments
 
-    def spinning(model) -> str:
-        return model.engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    def spinning(model) -> tuple[str, str]:
+        options = model.engine.session.get_session_options()
+        try:
+            duration = options.get_session_config_entry("session.intra_op.spin_duration_us")
+        except RuntimeError:  # not set: onnxruntime spins (when allowed) until the next step
+            duration = "-"
+        return options.get_session_config_entry("session.intra_op.allow_spinning"), duration
 
+    brief = ("1", str(BRIEF_SPIN_US))
     monkeypatch.delenv("GPTEDGE_SPIN", raising=False)
-    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == "0"
-    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=True)) == "1"
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == brief
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=True)) == ("1", "-")
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=False)) == ("0", "-")
     monkeypatch.setenv("GPTEDGE_SPIN", "1")
-    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == "1"
-    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=False)) == "0"
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == ("1", "-")
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1, spin=False)) == ("0", "-")
+    monkeypatch.setenv("GPTEDGE_SPIN", "0")
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == ("0", "-")
+    monkeypatch.setenv("GPTEDGE_SPIN", "")
+    assert spinning(Model.load(runtime_bundle, provider="cpu", threads=1)) == brief
     with pytest.raises(UsageError, match="spin must be True, False or None"):
         Model.load(runtime_bundle, spin="yes")
     import argparse
@@ -226,6 +242,7 @@ def test_spin_is_opt_in_through_the_argument_the_environment_and_the_cli(runtime
     parser = argparse.ArgumentParser()
     add_arguments(parser, "generate")
     assert parser.parse_args([str(runtime_bundle), "hi", "--spin"]).spin is True
+    assert parser.parse_args([str(runtime_bundle), "hi", "--no-spin"]).spin is False
     assert parser.parse_args([str(runtime_bundle), "hi"]).spin is None
 
 
