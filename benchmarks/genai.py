@@ -58,7 +58,8 @@ def row_gptedge(bundle: Path, spin: bool | None = None) -> dict:
     from gptedge.runtime import Model
 
     start = time.perf_counter()
-    model = Model.load(bundle, provider="cpu", threads=THREADS, spin=spin)
+    # Every generation here is a cold prompt, as genai's are: no stored prompt prefixes (gptedge.runtime.prefix)
+    model = Model.load(bundle, provider="cpu", threads=THREADS, spin=spin, prefix_cache_mb=0)
     load_s = time.perf_counter() - start
     ids = random_ids(PROMPT_LEN, model.spec.architecture.vocab_size)
     model.generate(ids, max_new_tokens=8, temperature=0.0, stop_token_ids=())  # warm-up
