@@ -153,9 +153,16 @@ def test_json_schema_output_always_parses_and_validates(client) -> None:
         jsonschema.validate(json.loads(got.choices[0].message.content), SCHEMA)
 
 
-def test_disconnect_mid_stream_frees_the_row(server, runtime_model: Model) -> None:
+def test_disconnect_mid_stream_frees_the_row(server, runtime_model: Model, monkeypatch) -> None:
     url, state = server
     batcher = state.models["tiny"].batcher
+    step = batcher._decode_step
+
+    def paced_step() -> None:  # the tiny model would finish all 110 tokens before the client reads its third line
+        time.sleep(0.005)
+        step()
+
+    monkeypatch.setattr(batcher, "_decode_step", paced_step)
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 110, "temperature": 1.0, "seed": 1, "stream": True,
             "ignore_eos": True}
     steps_before = batcher.steps
